@@ -1,0 +1,281 @@
+"""Typed configuration: ModelConfig (the architecture, saved as config.json) and
+TrainConfig (everything else about a run).
+
+A run's settings resolve in three layers: the dataclass defaults, then a flat TOML
+file from configs/, then `--key=value` (or `--key value`) on the command line.
+Field names are the command-line names.
+"""
+import argparse
+import difflib
+import math
+import sys
+import tomllib
+import types
+import typing
+from dataclasses import MISSING, asdict, dataclass, field, fields
+from pathlib import Path
+
+from llm.attention import BACKENDS
+from llm.errors import UserError
+
+
+def option(default, help: str):
+    return field(default=default, metadata={"help": help})
+
+
+MODEL_CHOICES = {
+    "norm": ("rmsnorm", "layernorm"),
+    "norm_position": ("pre", "post"),
+    "ffn": ("swiglu", "gelu"),
+    "pos_embedding": ("rope", "learned", "sinusoidal"),
+    "attention": BACKENDS,
+}
+
+
+@dataclass
+class ModelConfig:
+    vocab_size: int = option(8192, "vocabulary size (the tokenizer is trained to this size)")
+    block_size: int = option(1024, "context length, in tokens")
+    n_layer: int = option(12, "number of transformer blocks")
+    n_head: int = option(12, "query heads per attention layer")
+    n_kv_head: int | None = option(None, "key/value heads: n_head = MHA, 1 = MQA, between = GQA (default n_head)")
+    d_model: int = option(768, "width of the residual stream")
+    head_dim: int | None = option(None, "width of one head (default d_model // n_head)")
+    ffn_hidden: int | None = option(None, "FFN hidden width (default 4·d_model for gelu, ≈8/3·d_model for swiglu)")
+    norm: str = option("rmsnorm", "rmsnorm | layernorm")
+    norm_position: str = option("pre", "pre (x + f(norm(x))) | post (norm(x + f(x)), GPT-1)")
+    norm_eps: float = option(1e-5, "epsilon of the norms")
+    ffn: str = option("swiglu", "swiglu | gelu")
+    pos_embedding: str = option("rope", "rope | learned | sinusoidal")
+    rope_theta: float = option(10000.0, "RoPE base")
+    attention: str = option("auto", "attention backend: naive | sdpa | triton | auto (triton on CUDA, else sdpa)")
+    dropout: float = option(0.0, "dropout on embeddings, attention probabilities and residual branches")
+    bias: bool = option(False, "biases in linear layers and LayerNorm")
+    tie_embeddings: bool = option(True, "share the input embedding with the output projection")
+
+    def __post_init__(self):
+        for name, choices in MODEL_CHOICES.items():
+            if getattr(self, name) not in choices:
+                raise UserError(f"{name}={getattr(self, name)!r} is not one of {', '.join(choices)}")
+        for name in ("vocab_size", "block_size", "n_layer", "n_head", "d_model"):
+            if getattr(self, name) <= 0:
+                raise UserError(f"{name} must be positive, got {getattr(self, name)}")
+        self.n_kv_head = self.n_kv_head or self.n_head
+        if self.n_kv_head <= 0 or self.n_head % self.n_kv_head:
+            raise UserError(f"n_head={self.n_head} is not divisible by n_kv_head={self.n_kv_head}")
+        if self.head_dim is None:
+            if self.d_model % self.n_head:
+                raise UserError(f"d_model={self.d_model} is not divisible by n_head={self.n_head}")
+            self.head_dim = self.d_model // self.n_head
+        if self.pos_embedding == "rope" and self.head_dim % 2:
+            raise UserError(f"rope needs an even head_dim, got {self.head_dim}")
+        if self.ffn_hidden is None:
+            hidden = 4 * self.d_model if self.ffn == "gelu" else 8 * self.d_model // 3
+            self.ffn_hidden = 64 * math.ceil(hidden / 64)
+        if not 0 <= self.dropout < 1:
+            raise UserError(f"dropout must be in [0, 1), got {self.dropout}")
+        if self.attention == "triton" and self.dropout > 0:
+            raise UserError("attention=triton has no attention dropout: set dropout=0 or attention=sdpa")
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "ModelConfig":
+        unknown = sorted(set(d) - {f.name for f in fields(cls)})
+        if unknown:
+            raise UserError(f"unknown model config key(s): {', '.join(unknown)}")
+        return cls(**d)
+
+
+@dataclass
+class TrainConfig:
+    # data
+    data: str | None = option(None, "corpus: file, directory, glob or Hub dataset (default: the stdlib's .py files)")
+    val_fraction: float = option(0.01, "fraction of documents held out for validation")
+    tokenizer: str | None = option(None, "a tokenizer.json to use instead of training one on the corpus")
+    tokenizer_train_bytes: int = option(50_000_000, "at most this much text trains the tokenizer")
+    cache_dir: str = option("~/.cache/llm", "where tokenizers and tokenized corpora are cached")
+    # run
+    out_dir: str = option("out", "run directory: checkpoints, metrics, plots")
+    resume: bool = option(False, "continue the run in out_dir: weights, optimizer, step, data position")
+    overwrite: bool = option(False, "replace a run already in out_dir")
+    init_from: str | None = option(None, "start from this run's weights with a fresh optimizer and schedule")
+    seed: int = option(1337, "seeds initialization, data windows and dropout")
+    device: str = option("auto", "auto | cpu | cuda | cuda:N")
+    dtype: str = option("auto", "auto (bfloat16 on CUDA, float32 elsewhere) | float32 | bfloat16")
+    compile: bool = option(False, "torch.compile the model")
+    activation_checkpointing: bool = option(False, "recompute each block's activations in backward")
+    # optimization
+    batch_size: int = option(16, "sequences per process per micro-step")
+    grad_accum: int = option(1, "micro-steps per optimizer step")
+    max_steps: int = option(1000, "optimizer steps")
+    lr: float = option(3e-4, "peak learning rate")
+    min_lr_ratio: float = option(0.1, "final learning rate as a fraction of lr")
+    warmup_steps: int = option(100, "linear warmup steps")
+    decay_steps: int | None = option(None, "length of the warmup+cosine schedule (default max_steps)")
+    weight_decay: float = option(0.1, "AdamW decoupled weight decay, on 2-D weights only")
+    beta1: float = option(0.9, "AdamW beta1")
+    beta2: float = option(0.95, "AdamW beta2")
+    grad_clip: float = option(1.0, "clip the global gradient norm to this (0: off)")
+    label_smoothing: float = option(0.0, "label smoothing of the cross-entropy")
+    # evaluation, logging, checkpoints
+    eval_interval: int = option(250, "evaluate every N steps (and at the end)")
+    eval_iters: int = option(20, "validation batches per evaluation (always the same windows)")
+    log_interval: int = option(10, "update the progress bar and metrics.jsonl every N steps")
+    ckpt_interval: int = option(1000, "checkpoint every N steps (and at the end, and on SIGINT/SIGTERM)")
+    wandb: bool = option(False, "log to Weights & Biases (WANDB_MODE=offline works)")
+    wandb_project: str = option("llm", "wandb project")
+    wandb_run_name: str | None = option(None, "wandb run name")
+
+    def __post_init__(self):
+        for name in ("batch_size", "grad_accum", "max_steps", "eval_interval", "eval_iters",
+                     "log_interval", "ckpt_interval", "tokenizer_train_bytes"):
+            if getattr(self, name) <= 0:
+                raise UserError(f"{name} must be positive, got {getattr(self, name)}")
+        if self.lr <= 0:
+            raise UserError(f"lr must be positive, got {self.lr}")
+        if self.warmup_steps < 0 or (self.decay_steps is not None and self.decay_steps <= 0):
+            raise UserError("warmup_steps must be >= 0 and decay_steps > 0")
+        if not 0 < self.val_fraction < 1:
+            raise UserError(f"val_fraction must be in (0, 1), got {self.val_fraction}")
+        if not 0 <= self.label_smoothing < 1 or not 0 <= self.min_lr_ratio <= 1:
+            raise UserError("label_smoothing must be in [0, 1) and min_lr_ratio in [0, 1]")
+        if self.dtype not in ("auto", "float32", "bfloat16"):
+            raise UserError(f"dtype={self.dtype!r} is not one of auto, float32, bfloat16")
+        if self.resume and self.init_from:
+            raise UserError("--resume continues a run; --init_from starts a new one: choose one")
+
+
+@dataclass
+class RunConfig:
+    model: ModelConfig
+    train: TrainConfig
+
+    def to_dict(self) -> dict:
+        return {"model": asdict(self.model), "train": asdict(self.train)}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "RunConfig":
+        return cls(ModelConfig.from_dict(d["model"]), TrainConfig(**d["train"]))
+
+
+SECTIONS = {"model": ModelConfig, "train": TrainConfig}
+FIELDS = {f.name: (section, f) for section, cls in SECTIONS.items() for f in fields(cls)}
+
+
+def find_config(name: str) -> Path:
+    """`configs/tiny`, `configs/tiny.toml`, `tiny` and a path all name configs/tiny.toml."""
+    configs = Path(__file__).resolve().parent.parent / "configs"
+    for path in (Path(name), Path(name + ".toml"), configs / name, configs / (name + ".toml")):
+        if path.is_file():
+            return path
+    known = ", ".join(sorted(p.stem for p in configs.glob("*.toml")))
+    raise UserError(f"no config named {name!r} (known: {known})")
+
+
+def read_toml(path: Path) -> dict:
+    try:
+        values = tomllib.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as e:
+        raise UserError(f"cannot read config {path}: {e}")
+    for key in values:
+        check_key(key, f"config {path}")
+    return values
+
+
+def check_key(key: str, where: str):
+    if key not in FIELDS:
+        close = difflib.get_close_matches(key, FIELDS, n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        raise UserError(f"unknown config key {key!r} in {where}{hint}")
+
+
+def parse_value(key: str, text: str):
+    """Parse a command-line string into the type the field declares."""
+    hint = typing.get_type_hints(SECTIONS[FIELDS[key][0]])[key]
+    types_ = typing.get_args(hint) if isinstance(hint, types.UnionType) else (hint,)
+    if type(None) in types_ and text.lower() in ("none", "null", ""):
+        return None
+    kind = next(t for t in types_ if t is not type(None))
+    try:
+        if kind is bool:
+            if text.lower() in ("1", "true", "yes", "on"):
+                return True
+            if text.lower() in ("0", "false", "no", "off"):
+                return False
+            raise ValueError
+        return kind(float(text)) if kind is int and "e" in text.lower() else kind(text)
+    except ValueError:
+        raise UserError(f"--{key} expects {kind.__name__}, got {text!r}")
+
+
+def build(values: dict) -> RunConfig:
+    """Make a RunConfig from flat field values."""
+    by_section = {name: {} for name in SECTIONS}
+    for key, value in values.items():
+        check_key(key, "the settings")
+        by_section[FIELDS[key][0]][key] = value
+    try:
+        return RunConfig(ModelConfig(**by_section["model"]), TrainConfig(**by_section["train"]))
+    except TypeError as e:  # a TOML value of the wrong type
+        raise UserError(f"bad config value: {e}")
+
+
+def flatten(run: RunConfig) -> dict:
+    return {**run.to_dict()["model"], **run.to_dict()["train"]}
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line, not usage + message
+        unknown = [a for a in message.split() if a.startswith("--")]
+        if unknown:
+            key = unknown[0][2:].split("=")[0]
+            close = difflib.get_close_matches(key, FIELDS, n=1)
+            if close:
+                message += f" (did you mean --{close[0]}?)"
+        raise UserError(message)
+
+
+def argument_parser(description: str) -> argparse.ArgumentParser:
+    parser = _Parser(description=description, allow_abbrev=False,
+                     usage="%(prog)s [--config NAME] [--key=value ...]")
+    parser.add_argument("--config", help="a preset from configs/ (tiny, default, gpt2-small, ...) or a TOML file")
+    for section, cls in SECTIONS.items():
+        group = parser.add_argument_group(f"{section} settings (override the config file)")
+        for f in fields(cls):
+            is_bool = f.type is bool
+            group.add_argument(
+                f"--{f.name}", dest=f.name, default=argparse.SUPPRESS, metavar=f.name.upper(),
+                nargs="?" if is_bool else None, const="true" if is_bool else None,
+                help=f"{f.metadata['help']} (default: {f.default if f.default is not MISSING else '-'})",
+            )
+    return parser
+
+
+def parse_args(argv: list[str], description: str = "") -> tuple[str | None, dict]:
+    """Command line -> (config name or None, {field: typed value}) for the fields given."""
+    args = vars(argument_parser(description).parse_args(argv))
+    name = args.pop("config", None)
+    return name, {key: parse_value(key, text) for key, text in args.items()}
+
+
+def resolve(name: str | None, overrides: dict, base: dict | None = None) -> RunConfig:
+    """defaults < base (a saved run) or the named TOML config < overrides."""
+    values = dict(base or {})
+    if name is not None:
+        values.update(read_toml(find_config(name)))
+    values.update(overrides)
+    return build(values)
+
+
+def describe(run: RunConfig) -> str:
+    lines = []
+    for section, values in run.to_dict().items():
+        lines.append(f"[{section}]")
+        lines += [f"  {k} = {v!r}" for k, v in values.items()]
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":  # python -m llm.config --config tiny: print the resolved settings
+    from llm.errors import exit_on_user_error
+
+    with exit_on_user_error():
+        print(describe(resolve(*parse_args(sys.argv[1:], "Print the resolved settings of a run."))))

@@ -1,0 +1,18 @@
+"""User-facing errors: bad input ends a command with one line on stderr, never a traceback."""
+import sys
+from contextlib import contextmanager
+
+
+class UserError(Exception):
+    """Something the user can fix: a bad path, value or checkpoint. Printed as one line."""
+
+
+@contextmanager
+def exit_on_user_error():
+    """Turn a UserError into `error: <message>` on stderr and exit status 2."""
+    try:
+        yield
+    except UserError as e:
+        message = " ".join(str(e).split())  # always one line
+        print(f"error: {message}", file=sys.stderr)
+        sys.exit(2)

@@ -1,0 +1,176 @@
+"""A decoder-only causal Transformer: GPT-2 and LLaMA are two settings of one model.
+
+Attention, FeedForward, Block -> Transformer, configured by llm.config.ModelConfig.
+Options switch one code path (norm type and position, FFN type, position
+embedding, attention backend); there are no per-variant copies.
+"""
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from llm.attention import attention, causal_mask, naive_attention
+from llm.config import ModelConfig
+from llm.rope import apply_rope, rope_cache
+
+
+def make_norm(config: ModelConfig) -> nn.Module:
+    if config.norm == "rmsnorm":
+        return nn.RMSNorm(config.d_model, eps=config.norm_eps)
+    return nn.LayerNorm(config.d_model, eps=config.norm_eps, bias=config.bias)
+
+
+def sinusoidal_table(max_len: int, dim: int) -> torch.Tensor:
+    """The fixed position encoding of "Attention Is All You Need": sin on even, cos on odd channels."""
+    pos = torch.arange(max_len, dtype=torch.float64)[:, None]
+    freq = torch.exp(torch.arange(0, dim, 2, dtype=torch.float64) * (-math.log(10000.0) / dim))
+    table = torch.zeros(max_len, dim, dtype=torch.float64)
+    table[:, 0::2] = torch.sin(pos * freq)
+    table[:, 1::2] = torch.cos(pos * freq)[:, : dim // 2]
+    return table.float()
+
+
+class Attention(nn.Module):
+    def __init__(self, config: ModelConfig, layer_idx: int):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.n_head, self.n_kv_head, self.head_dim = config.n_head, config.n_kv_head, config.head_dim
+        qkv_dim = (config.n_head + 2 * config.n_kv_head) * config.head_dim
+        self.wqkv = nn.Linear(config.d_model, qkv_dim, bias=config.bias)
+        self.wo = nn.Linear(config.n_head * config.head_dim, config.d_model, bias=config.bias)
+        self.backend = config.attention
+        self.dropout = config.dropout
+
+    def forward(self, x, rope=None, cache=None, kv_start=None, attn_maps=None):
+        B, T, _ = x.shape
+        q, k, v = self.wqkv(x).split(
+            [self.n_head * self.head_dim, self.n_kv_head * self.head_dim, self.n_kv_head * self.head_dim], dim=-1
+        )
+        q = q.view(B, T, self.n_head, self.head_dim).transpose(1, 2)
+        k = k.view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
+        v = v.view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
+        if rope is not None:
+            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        if cache is not None:
+            k, v = cache.update(self.layer_idx, k, v)
+        dropout_p = self.dropout if self.training else 0.0
+        if attn_maps is None:
+            y = attention(q, k, v, self.backend, dropout_p, kv_start)
+        else:  # visualization: the textbook computation, keeping the probabilities
+            y, probs = naive_attention(q, k, v, causal_mask(T, k.size(2), kv_start, x.device), dropout_p)
+            attn_maps.append(probs)
+        return self.wo(y.transpose(1, 2).reshape(B, T, -1))
+
+
+class FeedForward(nn.Module):
+    """SwiGLU: w2(silu(w1 x) * w3 x), or GELU: w2(gelu(w1 x))."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.w1 = nn.Linear(config.d_model, config.ffn_hidden, bias=config.bias)
+        self.w2 = nn.Linear(config.ffn_hidden, config.d_model, bias=config.bias)
+        self.w3 = nn.Linear(config.d_model, config.ffn_hidden, bias=config.bias) if config.ffn == "swiglu" else None
+
+    def forward(self, x):
+        if self.w3 is None:
+            return self.w2(F.gelu(self.w1(x), approximate="tanh"))
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+
+
+class Block(nn.Module):
+    """Pre-norm: x + f(norm(x)). Post-norm (GPT-1, as the classic papers draw it): norm(x + f(x))."""
+
+    def __init__(self, config: ModelConfig, layer_idx: int):
+        super().__init__()
+        self.pre_norm = config.norm_position == "pre"
+        self.attention_norm = make_norm(config)
+        self.attention = Attention(config, layer_idx)
+        self.ffn_norm = make_norm(config)
+        self.feed_forward = FeedForward(config)
+        self.drop = nn.Dropout(config.dropout)
+
+    def forward(self, x, rope=None, cache=None, kv_start=None, attn_maps=None):
+        if self.pre_norm:
+            x = x + self.drop(self.attention(self.attention_norm(x), rope, cache, kv_start, attn_maps))
+            return x + self.drop(self.feed_forward(self.ffn_norm(x)))
+        x = self.attention_norm(x + self.drop(self.attention(x, rope, cache, kv_start, attn_maps)))
+        return self.ffn_norm(x + self.drop(self.feed_forward(x)))
+
+
+class Transformer(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.config = config
+        self.tok_embeddings = nn.Embedding(config.vocab_size, config.d_model)
+        self.pos_embeddings = nn.Embedding(config.block_size, config.d_model) if config.pos_embedding == "learned" else None
+        self.drop = nn.Dropout(config.dropout)
+        self.layers = nn.ModuleList(Block(config, i) for i in range(config.n_layer))
+        self.norm = make_norm(config) if config.norm_position == "pre" else nn.Identity()
+        self.output = None if config.tie_embeddings else nn.Linear(config.d_model, config.vocab_size, bias=False)
+        # Fixed tables are buffers, not parameters: rebuilt from the config, never saved.
+        if config.pos_embedding == "rope":
+            cos, sin = rope_cache(config.block_size, config.head_dim, config.rope_theta)
+            self.register_buffer("rope_cos", cos, persistent=False)
+            self.register_buffer("rope_sin", sin, persistent=False)
+        if config.pos_embedding == "sinusoidal":
+            self.register_buffer("sinusoidal", sinusoidal_table(config.block_size, config.d_model), persistent=False)
+        self.init_weights()
+
+    def init_weights(self):
+        """GPT-2 initialization: N(0, 0.02), residual output projections scaled by 1/√(2·n_layer)."""
+        std = 0.02
+        for module in self.modules():
+            if isinstance(module, (nn.Linear, nn.Embedding)):
+                nn.init.normal_(module.weight, mean=0.0, std=std)
+            if isinstance(module, nn.Linear) and module.bias is not None:
+                nn.init.zeros_(module.bias)
+            if isinstance(module, (nn.LayerNorm, nn.RMSNorm)):
+                module.reset_parameters()
+        for block in self.layers:
+            for residual_out in (block.attention.wo, block.feed_forward.w2):
+                nn.init.normal_(residual_out.weight, mean=0.0, std=std / math.sqrt(2 * self.config.n_layer))
+
+    def num_params(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+    def forward(self, idx, targets=None, *, positions=None, kv_start=None, cache=None, last_only=False,
+                label_smoothing=0.0, attn_maps=None):
+        """idx (B, T) token ids -> logits (B, T, vocab), or the mean cross-entropy if targets are given.
+
+        targets: (B, T) next tokens; -1 is ignored.
+        positions: (T,) or (B, T) position of each token (default: after the cache's contents).
+        kv_start: (B,) number of left-padding slots per row, masked out of attention.
+        cache: a KVCache, filled in place; attention covers everything cached so far.
+        last_only: compute logits for the last position only (generation).
+        attn_maps: a list to which each layer appends its attention probabilities (B, H, T, Tk).
+        """
+        B, T = idx.shape
+        start = cache.length if cache is not None else 0
+        if positions is None:
+            positions = torch.arange(start, start + T, device=idx.device)
+        if start + T > self.config.block_size:
+            raise ValueError(f"sequence of {start + T} tokens exceeds block_size={self.config.block_size}")
+        x = self.tok_embeddings(idx)
+        if self.pos_embeddings is not None:
+            x = x + self.pos_embeddings(positions)
+        if self.config.pos_embedding == "sinusoidal":
+            x = x + self.sinusoidal[positions].to(x.dtype)
+        rope = None
+        if self.config.pos_embedding == "rope":
+            cos, sin = self.rope_cos[positions], self.rope_sin[positions]
+            rope = (cos, sin) if positions.dim() == 1 else (cos[:, None], sin[:, None])
+        x = self.drop(x)
+        for block in self.layers:
+            x = block(x, rope, cache, kv_start, attn_maps)
+        if cache is not None:
+            cache.advance(T)
+        x = self.norm(x)
+        if last_only:
+            x = x[:, -1:]
+        weight = self.tok_embeddings.weight if self.output is None else self.output.weight
+        logits = F.linear(x, weight)
+        if targets is None:
+            return logits
+        logits = logits.flatten(0, 1).to(torch.promote_types(logits.dtype, torch.float32))  # fp32 at least
+        return F.cross_entropy(logits, targets.flatten(), ignore_index=-1, label_smoothing=label_smoothing)

@@ -1,0 +1,113 @@
+"""Sample completions from a checkpoint (a run directory or a Hugging Face Llama directory).
+
+    python sample.py --ckpt out --prompt "def fib(n):" --max_new_tokens 200 --temperature 0.8 --top_k 200
+    echo "import os" | python sample.py --prompt - --temperature 0     # greedy, prompt from stdin
+    python sample.py --prompt "class " --prompt "import " --num_samples 2 --stop "\\n\\n"
+    python sample.py --prompt "def " --attention_png attn.png --attention_layer -1 --attention_head 0
+"""
+import argparse
+import sys
+import time
+
+import torch
+
+import llm
+from llm.errors import UserError, exit_on_user_error
+from llm.generate import Sampling, complete
+from llm.viz import save_attention_map
+
+
+class Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line, not usage + message
+        raise UserError(message)
+
+
+def parse(argv):
+    p = Parser(description=__doc__.splitlines()[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--ckpt", default="out", help="run directory or Hugging Face Llama directory")
+    p.add_argument("--prompt", action="append", help="prompt text, '-' for stdin; repeat for a batch")
+    p.add_argument("--prompt_file", action="append", help="a file whose whole text is one prompt; repeatable")
+    p.add_argument("--num_samples", type=int, default=1, help="completions per prompt")
+    p.add_argument("--max_new_tokens", type=int, default=200)
+    p.add_argument("--temperature", type=float, default=0.8, help="0 is greedy")
+    p.add_argument("--top_k", type=int, default=200, help="0 keeps every token")
+    p.add_argument("--top_p", type=float, default=1.0, help="nucleus sampling threshold, in (0, 1]")
+    p.add_argument("--seed", type=int, default=1337)
+    p.add_argument("--stop", action="append", default=[], help="stop a completion at this string; repeatable")
+    p.add_argument("--truncate_prompt", action="store_true", help="drop a too-long prompt's left side instead of failing")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+                   help="auto: bfloat16 on CUDA, float32 elsewhere")
+    p.add_argument("--attention", choices=["naive", "sdpa", "triton", "auto"], help="override the attention backend")
+    p.add_argument("--no_cache", action="store_true", help="recompute the whole sequence every step (slow; for checking)")
+    p.add_argument("--compile", action="store_true", help="torch.compile the one-token decode step")
+    p.add_argument("--attention_png", help="save a heatmap of one head's attention over the first completion")
+    p.add_argument("--attention_layer", type=int, default=-1)
+    p.add_argument("--attention_head", type=int, default=0)
+    args = p.parse_args(argv)
+    if args.max_new_tokens < 0 or args.num_samples < 1:
+        raise UserError("--max_new_tokens must be >= 0 and --num_samples >= 1")
+    args.stop = tuple(s.encode().decode("unicode_escape") for s in args.stop)  # allow "\n" on the command line
+    return args
+
+
+def read_prompts(args) -> list[str]:
+    prompts = []
+    for p in args.prompt or []:
+        prompts.append(sys.stdin.read() if p == "-" else p)
+    for path in args.prompt_file or []:
+        try:
+            with open(path, encoding="utf-8", errors="replace") as f:
+                prompts.append(f.read())
+        except OSError as e:
+            raise UserError(f"cannot read prompt file {path}: {e.strerror}")
+    return prompts or [""]
+
+
+def main(argv) -> int:
+    with exit_on_user_error():
+        args = parse(argv)
+        try:
+            sampling = Sampling(args.temperature, args.top_k, args.top_p)
+        except ValueError as e:
+            raise UserError(str(e))
+        device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
+                              "cpu" if args.device == "auto" else args.device)
+        dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16,
+                 "auto": torch.bfloat16 if device.type == "cuda" else torch.float32}[args.dtype]
+        model, tokenizer = llm.load(args.ckpt, device=device, dtype=dtype)
+        if args.attention:
+            for block in model.layers:
+                block.attention.backend = args.attention
+        prompts = [p for p in read_prompts(args) for _ in range(args.num_samples)]
+        stream = len(prompts) == 1
+        if stream:
+            print(prompts[0], end="", flush=True)
+        decode_step = torch.compile(model, dynamic=True) if args.compile else None
+        start = time.perf_counter()
+        try:
+            results = complete(model, tokenizer, prompts, args.max_new_tokens, sampling, seed=args.seed, stop=args.stop,
+                               on_text=(lambda row, text: print(text, end="", flush=True)) if stream else None,
+                               use_cache=not args.no_cache, truncate=args.truncate_prompt, decode_step=decode_step)
+        except ValueError as e:
+            raise UserError(f"{e} (pass --truncate_prompt to drop the prompt's left side)" if "exceeds" in str(e) else str(e))
+        seconds = time.perf_counter() - start
+        if stream:
+            print()
+        else:
+            for prompt, result in zip(prompts, results):
+                print(prompt + result["text"])
+                print("-" * 40)
+        n_tokens = sum(len(r["ids"]) for r in results)
+        print(f"{n_tokens} tokens in {seconds:.2f} s: {n_tokens / seconds:.1f} tokens/s "
+              f"(batch {len(prompts)}, {'no cache' if args.no_cache else 'KV cache'}, {device})", file=sys.stderr)
+        if args.attention_png:
+            first = results[0]
+            save_attention_map(model, tokenizer, first["prompt_ids"] + first["ids"], args.attention_layer,
+                               args.attention_head, args.attention_png)
+            print(f"attention map written to {args.attention_png}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,37 @@
+"""Small builders shared by the tests."""
+import itertools
+
+import torch
+
+from llm.config import ModelConfig
+from llm.model import Transformer
+
+OPTIONS = {
+    "norm": ("rmsnorm", "layernorm"),
+    "norm_position": ("pre", "post"),
+    "ffn": ("swiglu", "gelu"),
+    "pos_embedding": ("rope", "learned", "sinusoidal"),
+}
+
+
+def option_grid():
+    """Every combination of the architecture switches, cycling GQA/MQA/MHA, biases and tying across them."""
+    for i, values in enumerate(itertools.product(*OPTIONS.values())):
+        yield {
+            **dict(zip(OPTIONS, values)),
+            "n_kv_head": (4, 2, 1)[i % 3],
+            "bias": i % 2 == 1,
+            "tie_embeddings": i % 4 < 2,
+        }
+
+
+def grid_id(options: dict) -> str:
+    return "-".join(f"{v}" if not isinstance(v, bool) else f"{k}={int(v)}" for k, v in options.items())
+
+
+def tiny_model(seed=0, dtype=torch.float64, **overrides) -> Transformer:
+    settings = dict(vocab_size=97, block_size=48, n_layer=2, n_head=4, n_kv_head=2, d_model=32, attention="sdpa")
+    settings.update(overrides)
+    torch.manual_seed(seed)
+    return Transformer(ModelConfig(**settings)).to(dtype).eval()
+

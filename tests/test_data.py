@@ -1,0 +1,161 @@
+"""Corpora, packed token files, the document split, the caches and the training windows."""
+import json
+import os
+
+import numpy as np
+import pytest
+
+from llm import data
+from llm.data import (batched_by_bytes, eval_windows, is_validation, open_corpus, prepare_tokens, stdlib_sources,
+                      token_dtype, train_or_load_tokenizer, train_windows)
+from llm.errors import UserError
+from llm.tokenizer import Tokenizer
+
+
+def make_docs(directory, n=30):
+    directory.mkdir(parents=True, exist_ok=True)
+    docs = [f"def function_{i}():\n    return {i} * 'doc{i:03d}'\n" for i in range(n)]
+    for i, doc in enumerate(docs):
+        (directory / f"file_{i:03d}.py").write_text(doc)
+    return docs
+
+
+@pytest.fixture
+def corpus_dir(tmp_path):
+    make_docs(tmp_path / "corpus")
+    return tmp_path / "corpus"
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return Tokenizer.train([f"def function_{i}():\n    return {i} * 'doc{i:03d}'\n" for i in range(50)], 300)
+
+
+def test_windows_are_a_function_of_seed_step_and_index(seed):
+    tokens = np.arange(10_000, dtype=np.uint32)
+    a = train_windows(tokens, 16, 8, seed, step=3, index=1)
+    assert a.shape == (8, 17)
+    assert np.array_equal(a, train_windows(tokens, 16, 8, seed, step=3, index=1))
+    assert not np.array_equal(a, train_windows(tokens, 16, 8, seed, step=4, index=1))
+    assert not np.array_equal(a, train_windows(tokens, 16, 8, seed, step=3, index=2))
+    assert np.all(np.diff(a.astype(np.int64), axis=1) == 1)  # contiguous slices of the stream
+    assert a.min() >= 0 and a.max() < len(tokens)
+
+
+def test_windows_cover_the_whole_range(seed):
+    tokens = np.arange(40, dtype=np.uint16)
+    starts = {int(train_windows(tokens, 8, 16, seed, step, 0)[i, 0]) for step in range(50) for i in range(16)}
+    assert starts == set(range(40 - 8))  # every start, including the last possible one
+
+
+def test_eval_windows_are_fixed_and_in_range():
+    tokens = np.arange(1000, dtype=np.uint16)
+    w = eval_windows(tokens, 32, 10)
+    assert np.array_equal(w, eval_windows(tokens, 32, 10))
+    assert w[0, 0] == 0 and w[-1, -1] == 999
+
+
+def test_split_by_document(corpus_dir, tokenizer, tmp_path):
+    docs = [(corpus_dir / f).read_text() for f in sorted(os.listdir(corpus_dir))]
+    splits = prepare_tokens(open_corpus(str(corpus_dir)), tokenizer, tmp_path / "cache", val_fraction=0.2)
+    eot = tokenizer.decode([tokenizer.eot_id])
+    val_docs = tokenizer.decode(splits.val.tolist()).split(eot)[:-1]
+    train_docs = tokenizer.decode(splits.train.tolist()).split(eot)[:-1]
+    assert val_docs == [d for i, d in enumerate(docs) if is_validation(i, 0.2)]
+    assert train_docs == [d for i, d in enumerate(docs) if not is_validation(i, 0.2)]
+    assert len(val_docs) == 6 and splits.meta["val_documents"] == 6
+    assert splits.train.dtype == np.uint16 and splits.meta["train_tokens"] == len(splits.train)
+
+
+def test_token_dtype():
+    assert token_dtype(65536) == np.uint16
+    assert token_dtype(65537) == np.uint32
+
+
+def test_token_cache_is_reused_and_invalidated(corpus_dir, tokenizer, tmp_path, monkeypatch):
+    cache = tmp_path / "cache"
+    first = prepare_tokens(open_corpus(str(corpus_dir)), tokenizer, cache, 0.1)
+    monkeypatch.setattr(data, "write_tokens", lambda *a: pytest.fail("cache not reused"))
+    again = prepare_tokens(open_corpus(str(corpus_dir)), tokenizer, cache, 0.1)
+    assert np.array_equal(first.train, again.train)
+    monkeypatch.undo()
+    (corpus_dir / "file_000.py").write_text("changed = True\n")
+    changed = prepare_tokens(open_corpus(str(corpus_dir)), tokenizer, cache, 0.1)
+    assert len(list((cache / "tokens").iterdir())) == 2
+    assert not np.array_equal(first.val, changed.val)
+    other = Tokenizer.train(["something else entirely"] * 5, 280)
+    prepare_tokens(open_corpus(str(corpus_dir)), other, cache, 0.1)
+    assert len(list((cache / "tokens").iterdir())) == 3  # keyed by tokenizer too
+
+
+def test_tokenizer_is_trained_once_per_corpus(corpus_dir, tmp_path, monkeypatch):
+    corpus = open_corpus(str(corpus_dir))
+    first = train_or_load_tokenizer(corpus, 300, tmp_path, max_bytes=10**6)
+    monkeypatch.setattr(Tokenizer, "train", lambda *a: pytest.fail("not reused"))
+    assert train_or_load_tokenizer(corpus, 300, tmp_path, max_bytes=10**6).fingerprint() == first.fingerprint()
+
+
+def test_row_formats_and_globs(tmp_path):
+    (tmp_path / "a.jsonl").write_text("\n".join(json.dumps({"text": f"row {i}", "id": i}) for i in range(3)))
+    (tmp_path / "b.json").write_text(json.dumps([{"text": "json row"}]))
+    pa = pytest.importorskip("pyarrow")
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.table({"text": ["parquet row", None, ""]}), tmp_path / "c.parquet")
+    (tmp_path / "d.txt").write_text("whole\nfile\n")
+    (tmp_path / ".hidden.txt").write_text("skipped")
+    docs = list(open_corpus(str(tmp_path)).documents())
+    assert docs == ["row 0", "row 1", "row 2", "json row", "parquet row", "whole\nfile\n"]
+    assert list(open_corpus(str(tmp_path / "*.jsonl")).documents()) == ["row 0", "row 1", "row 2"]
+    assert list(open_corpus(str(tmp_path / "d.txt")).documents()) == ["whole\nfile\n"]
+
+
+def test_non_utf8_bytes_do_not_crash(tmp_path, tokenizer):
+    (tmp_path / "latin1.py").write_bytes("# caf\xe9\nx = 1\n".encode("latin-1") + b"\xff\xfe\x00")
+    docs = list(open_corpus(str(tmp_path)).documents())
+    assert docs[0].startswith("# caf\ufffd\nx = 1\n")
+    assert tokenizer.decode(tokenizer.encode(docs[0])) == docs[0]
+
+
+def test_missing_text_field(tmp_path):
+    (tmp_path / "a.jsonl").write_text(json.dumps({"content": "x"}) + "\n")
+    with pytest.raises(UserError, match="no 'text' field"):
+        list(open_corpus(str(tmp_path)).documents())
+
+
+@pytest.mark.parametrize("spec, message", [
+    ("/nonexistent/corpus", "no files found"),
+    ("./missing_dir/*.txt", "no files found"),
+    ("", "empty"),
+    ("not a dataset name", "neither a local path"),
+])
+def test_bad_data_paths(spec, message):
+    with pytest.raises(UserError, match=message):
+        open_corpus(spec)
+
+
+def test_empty_corpus(tmp_path, tokenizer):
+    (tmp_path / "empty.txt").write_text("")
+    with pytest.raises(UserError, match="no documents"):
+        prepare_tokens(open_corpus(str(tmp_path)), tokenizer, tmp_path / "cache", 0.1)
+    assert not (tmp_path / "cache" / "tokens").exists() or not any((tmp_path / "cache" / "tokens").iterdir())
+
+
+def test_unreadable_file(tmp_path, monkeypatch):
+    (tmp_path / "secret.txt").write_text("x")
+    monkeypatch.setattr(data.os, "access", lambda path, mode: False)  # root can read anything; pretend
+    with pytest.raises(UserError, match="permission denied"):
+        open_corpus(str(tmp_path))
+
+
+def test_streaming_batches_are_bounded():
+    docs = (f"{i:04d}" * 25 for i in range(10_000))  # a lazy stream of 100-character documents
+    sizes = [sum(map(len, b)) for b in batched_by_bytes(docs, max_bytes=1000)]
+    assert max(sizes) <= 1000 and sum(sizes) == 1_000_000
+
+
+def test_default_corpus_is_the_stdlib():
+    files = stdlib_sources()
+    assert len(files) > 500
+    assert all(f.endswith(".py") and "site-packages" not in f for f in files)
+    assert any(f.endswith(os.path.join("json", "__init__.py")) for f in files)

@@ -1,0 +1,165 @@
+"""The model: causality, RoPE, backend agreement, initialization, learning."""
+import math
+
+import pytest
+import torch
+
+from llm.config import ModelConfig
+from llm.errors import UserError
+from llm.kv_cache import KVCache
+from llm.model import Transformer
+from llm.rope import apply_rope, rope_cache
+from tests.helpers import grid_id, option_grid, tiny_model
+
+GRID = list(option_grid())
+
+
+@pytest.mark.parametrize("backend", ["naive", "sdpa"])
+@pytest.mark.parametrize("options", GRID, ids=[grid_id(o) for o in GRID])
+def test_causality(backend, options, seed):
+    """Changing tokens after position t never changes the logits at positions <= t."""
+    model = tiny_model(seed, attention=backend, **options)
+    x = torch.randint(0, 97, (2, 24))
+    t = int(torch.randint(0, 23, ()))
+    y = x.clone()
+    y[:, t + 1 :] = torch.randint(0, 97, (2, 23 - t))
+    with torch.no_grad():
+        a, b = model(x), model(y)
+    assert torch.equal(a[:, : t + 1], b[:, : t + 1]) or torch.allclose(a[:, : t + 1], b[:, : t + 1], atol=1e-12, rtol=0)
+    assert not torch.allclose(a[:, t + 1 :], b[:, t + 1 :])  # the future does matter after t
+
+
+@pytest.mark.parametrize("options", GRID, ids=[grid_id(o) for o in GRID])
+def test_naive_and_sdpa_agree(options, seed):
+    """Same weights, the two backends: equal logits, loss and gradients (float64)."""
+    results = []
+    for backend in ("naive", "sdpa"):
+        model = tiny_model(seed, attention=backend, **options)
+        x = torch.randint(0, 97, (3, 20), generator=torch.Generator().manual_seed(seed))
+        logits = model(x)
+        loss = model(x, x.roll(-1, dims=1))
+        loss.backward()
+        results.append((logits.detach(), loss.detach(), [p.grad for p in model.parameters()]))
+    (la, ca, ga), (lb, cb, gb) = results
+    torch.testing.assert_close(la, lb, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(ca, cb, rtol=1e-10, atol=1e-10)
+    for a, b in zip(ga, gb):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)
+
+
+def test_rope_depends_only_on_offset(seed):
+    """After rotation, q·k is a function of the position offset m - n alone."""
+    head_dim = 32
+    cos, sin = rope_cache(512, head_dim, theta=10000.0)
+    q, k = torch.randn(head_dim, dtype=torch.float64), torch.randn(head_dim, dtype=torch.float64)
+
+    def score(m, n):
+        qm = apply_rope(q.view(1, 1, 1, -1), cos[m].double(), sin[m].double())
+        kn = apply_rope(k.view(1, 1, 1, -1), cos[n].double(), sin[n].double())
+        return (qm * kn).sum().item()
+
+    m = int(torch.randint(0, 200, ()))
+    offset = int(torch.randint(1, 50, ()))
+    reference = score(m + offset, m)
+    for shift in (1, 37, 250):
+        assert math.isclose(score(m + offset + shift, m + shift), reference, rel_tol=1e-4, abs_tol=1e-4)
+    assert not math.isclose(score(m + offset + 1, m), reference, rel_tol=1e-3)  # other offsets differ
+    assert math.isclose(score(5, 5), (q * k).sum().item(), rel_tol=1e-4)  # offset 0: rotation preserves q·k
+
+
+def test_rope_is_rotate_half():
+    """x·cos + rotate_half(x)·sin with the Hugging Face Llama frequencies, written out by hand."""
+    head_dim, pos, theta = 8, 3, 500.0
+    cos, sin = rope_cache(8, head_dim, theta)
+    x = torch.arange(1.0, head_dim + 1)
+    got = apply_rope(x.view(1, 1, 1, -1), cos[pos], sin[pos]).flatten()
+    half = head_dim // 2
+    for i in range(half):
+        angle = pos / theta ** (2 * i / head_dim)
+        a, b = x[i].item(), x[i + half].item()
+        assert math.isclose(got[i].item(), a * math.cos(angle) - b * math.sin(angle), rel_tol=1e-5)
+        assert math.isclose(got[i + half].item(), b * math.cos(angle) + a * math.sin(angle), rel_tol=1e-5)
+
+
+def test_gpt2_initialization():
+    config = ModelConfig(vocab_size=1024, block_size=64, n_layer=8, n_head=8, d_model=512, attention="sdpa")
+    torch.manual_seed(0)
+    model = Transformer(config)
+    assert abs(model.tok_embeddings.weight.std().item() - 0.02) < 0.001
+    assert abs(model.layers[0].attention.wqkv.weight.std().item() - 0.02) < 0.001
+    residual = 0.02 / math.sqrt(2 * config.n_layer)
+    assert abs(model.layers[3].attention.wo.weight.std().item() - residual) < 0.05 * residual
+    assert abs(model.layers[3].feed_forward.w2.weight.std().item() - residual) < 0.05 * residual
+    assert torch.equal(model.layers[0].attention_norm.weight, torch.ones(512))
+
+
+def test_parameter_count_and_tying():
+    tied = tiny_model(tie_embeddings=True)
+    untied = tiny_model(tie_embeddings=False)
+    assert untied.num_params() - tied.num_params() == 97 * 32
+    assert "output.weight" not in tied.state_dict()
+    d, layers, kv = 32, 2, 2
+    head_dim = d // 4
+    per_layer = d * (4 + 2 * kv) * head_dim + 4 * head_dim * d + 3 * d * tied.config.ffn_hidden + 2 * d
+    assert tied.num_params() == 97 * d + layers * per_layer + d
+
+
+def test_kv_cache_matches_full_forward(seed):
+    model = tiny_model(seed, n_kv_head=1)
+    x = torch.randint(0, 97, (2, 30))
+    full = model(x)
+    cache = KVCache(model.config, 2, 30, "cpu", torch.float64)
+    assert cache.k.shape == (2, 2, 1, 30, 8)  # GQA width: one KV head, never repeated per query head
+    pieces = [model(x[:, a:b], cache=cache) for a, b in ((0, 11), (11, 12), (12, 20), (20, 30))]
+    torch.testing.assert_close(torch.cat(pieces, dim=1), full, rtol=1e-10, atol=1e-10)
+
+
+def test_overfits_one_batch(seed):
+    torch.manual_seed(seed)
+    model = Transformer(ModelConfig(vocab_size=64, block_size=32, n_layer=2, n_head=4, d_model=64, attention="sdpa"))
+    x = torch.randint(0, 64, (4, 33))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    for _ in range(150):
+        loss = model(x[:, :-1], x[:, 1:])
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    assert loss.item() < 0.05, loss.item()
+
+
+def test_label_smoothing_raises_the_floor(seed):
+    model = tiny_model(seed)
+    x = torch.randint(0, 97, (2, 16))
+    plain = model(x, x)
+    smoothed = model(x, x, label_smoothing=0.1)
+    logits = model(x).flatten(0, 1)
+    expected = 0.9 * plain + 0.1 * (-logits.log_softmax(-1).mean(-1)).mean()
+    torch.testing.assert_close(smoothed, expected)
+
+
+@pytest.mark.parametrize("bad, message", [
+    (dict(d_model=30, n_head=4), "not divisible by n_head"),
+    (dict(n_head=4, n_kv_head=3), "not divisible by n_kv_head"),
+    (dict(norm="batchnorm"), "norm='batchnorm'"),
+    (dict(n_layer=0), "n_layer must be positive"),
+    (dict(attention="triton", dropout=0.1), "no attention dropout"),
+])
+def test_invalid_model_configs(bad, message):
+    with pytest.raises(UserError, match=message):
+        ModelConfig(**{"d_model": 32, "n_head": 4, **bad})
+
+
+def test_triton_backend_matches_sdpa(seed):
+    """A tiny model's loss and gradients through our kernel (interpreted on CPU) equal SDPA's."""
+    pytest.importorskip("triton")
+    results = []
+    for backend in ("sdpa", "triton"):
+        model = tiny_model(seed, dtype=torch.float32, attention=backend, n_layer=1, d_model=64, n_head=4, n_kv_head=2)
+        x = torch.randint(0, 97, (2, 19), generator=torch.Generator().manual_seed(seed))
+        loss = model(x[:, :-1], x[:, 1:])
+        loss.backward()
+        results.append((loss.detach(), {n: p.grad for n, p in model.named_parameters()}))
+    (loss_a, grads_a), (loss_b, grads_b) = results
+    torch.testing.assert_close(loss_b, loss_a, rtol=1e-5, atol=1e-6)
+    for name in grads_a:
+        torch.testing.assert_close(grads_b[name], grads_a[name], rtol=1e-4, atol=1e-6, msg=name)

@@ -226,7 +226,7 @@ def flatten(run: RunConfig) -> dict:
 class _Parser(argparse.ArgumentParser):
     def error(self, message):  # one line, not usage + message
         unknown = [a for a in message.split() if a.startswith("--")]
-        if unknown:
+        if message.startswith("unrecognized arguments") and unknown:
             key = unknown[0][2:].split("=")[0]
             close = difflib.get_close_matches(key, FIELDS, n=1)
             if close:

@@ -179,12 +179,21 @@ def load_tokenizer_and_data(run: RunConfig, d: Dist, ckpt: Path | None):
 
 
 class StopSignal:
-    """SIGINT/SIGTERM ask the loop to checkpoint and stop at the end of the step; a second SIGINT aborts."""
+    """While active, SIGINT/SIGTERM ask the loop to checkpoint and stop after the current step.
 
-    def __init__(self):
+    A second SIGINT aborts at once.
+    """
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __enter__(self):
         self.signum = None
-        for s in (signal.SIGINT, signal.SIGTERM):
-            signal.signal(s, self.handle)
+        self.previous = [signal.signal(s, self.handle) for s in self.SIGNALS]
+        return self
+
+    def __exit__(self, *exc):
+        for s, handler in zip(self.SIGNALS, self.previous):
+            signal.signal(s, handler)
 
     def handle(self, signum, frame):
         if self.signum is not None and signum == signal.SIGINT:
@@ -196,14 +205,14 @@ def train(run: RunConfig) -> int:
     """Train to max_steps; returns the process exit status (128 + signal number if interrupted)."""
     d = setup(run.train.device)
     try:
-        return _train(run, d)
+        with StopSignal() as stop:
+            return _train(run, d, stop)
     finally:
         teardown()
 
 
-def _train(run: RunConfig, d: Dist) -> int:
+def _train(run: RunConfig, d: Dist, stop: StopSignal) -> int:
     cfg = run.train
-    stop = StopSignal()
     out = prepare_run_dir(cfg, d)
     ckpt, start_step, tokens_seen = None, 0, 0
     if cfg.resume:

@@ -23,3 +23,23 @@ def seed() -> int:
     print(f"seed = {value}")
     torch.manual_seed(value)
     return value
+
+
+@pytest.fixture(scope="session")
+def corpus(tmp_path_factory):
+    """About 40 standard-library modules (~1 MB): enough tokens for the tiny config's windows."""
+    import shutil
+
+    from llm.data import stdlib_sources
+
+    directory = tmp_path_factory.mktemp("corpus")
+    files = [f for f in stdlib_sources() if "/test/" not in f and "/idlelib/" not in f][:40]
+    for i, f in enumerate(files):
+        shutil.copy(f, directory / f"{i:03d}_{os.path.basename(f)}")
+    return directory
+
+
+@pytest.fixture(scope="session")
+def cache_dir(tmp_path_factory):
+    """Tokenizers and token files, shared by the tests that train."""
+    return tmp_path_factory.mktemp("cache")

@@ -1,0 +1,237 @@
+"""train.py end to end: smoke run, checkpoints, resume bit-exactness, signals, bad input."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import llm
+from llm import checkpoint
+from train import main
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def args(corpus, cache_dir, out, *extra):
+    return ["--config", "tiny", "--data", str(corpus), "--cache_dir", str(cache_dir), "--out_dir", str(out), *extra]
+
+
+def weights(run_dir) -> dict:
+    return load_file(Path(run_dir) / "model.safetensors")
+
+
+def assert_bit_identical(a: dict, b: dict):
+    assert a.keys() == b.keys()
+    for name in a:
+        assert torch.equal(a[name], b[name]), name
+
+
+def test_smoke_run_via_command_line(corpus, cache_dir, tmp_path):
+    out = tmp_path / "run"
+    result = subprocess.run([sys.executable, "train.py", *args(corpus, cache_dir, out, "--max_steps", "6")],
+                            cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert "parameters:" in result.stdout and "n_layer = 2" in result.stdout  # resolved config printed
+    for name in ("config.json", "model.safetensors", "tokenizer.json", "metrics.jsonl", "loss.png", "run.json"):
+        assert (out / name).exists(), name
+    assert (out / "checkpoint" / "state" / ".metadata").exists()
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if "loss" in r] == [5, 6]
+    assert any("val_loss" in r and "val_ppl" in r for r in records)
+    model, tokenizer = llm.load(out)
+    logits = model(torch.tensor([tokenizer.encode("def f(x):")]))
+    assert logits.shape == (1, len(tokenizer.encode("def f(x):")), model.config.vocab_size)
+    assert json.loads((out / "checkpoint" / "trainer.json").read_text())["step"] == 6
+
+
+def test_loss_decreases(corpus, cache_dir, tmp_path):
+    assert main(args(corpus, cache_dir, tmp_path / "run", "--max_steps", "30", "--log_interval", "1")) == 0
+    losses = [json.loads(l)["loss"] for l in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines() if '"loss"' in l]
+    assert sum(losses[-5:]) / 5 < sum(losses[:5]) / 5 - 0.5
+
+
+def test_resume_is_bit_exact(corpus, cache_dir, tmp_path):
+    """N steps, then --resume to 2N, equals 2N uninterrupted (with dropout and accumulation in play)."""
+    common = ["--dropout", "0.1", "--grad_accum", "2", "--decay_steps", "8", "--ckpt_interval", "100"]
+    assert main(args(corpus, cache_dir, tmp_path / "full", "--max_steps", "8", *common)) == 0
+    assert main(args(corpus, cache_dir, tmp_path / "split", "--max_steps", "4", *common)) == 0
+    assert main(["--out_dir", str(tmp_path / "split"), "--resume", "--max_steps", "8"]) == 0
+    assert_bit_identical(weights(tmp_path / "full"), weights(tmp_path / "split"))
+    steps = [json.loads(l)["step"] for l in (tmp_path / "split" / "metrics.jsonl").read_text().splitlines() if '"loss"' in l]
+    assert steps == sorted(set(steps))  # no step logged twice
+
+
+def test_sigint_checkpoints_and_resumes_exactly(corpus, cache_dir, tmp_path):
+    out = tmp_path / "interrupted"
+    cmd = [sys.executable, "train.py", *args(corpus, cache_dir, out, "--max_steps", "400", "--log_interval", "1",
+                                             "--decay_steps", "400", "--ckpt_interval", "1000", "--eval_interval", "1000")]
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while time.time() < deadline and not (out / "metrics.jsonl").exists():
+        time.sleep(0.1)
+    time.sleep(0.5)
+    proc.send_signal(signal.SIGINT)
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + signal.SIGINT, stderr
+    assert "--resume" in stderr and "Traceback" not in stderr
+    step = json.loads((out / "checkpoint" / "trainer.json").read_text())["step"]
+    assert 0 < step < 400
+    # finish the interrupted run, and compare with a run that never stopped
+    assert main(["--out_dir", str(out), "--resume", "--max_steps", str(step + 3)]) == 0
+    reference = tmp_path / "reference"
+    assert main(args(corpus, cache_dir, reference, "--max_steps", str(step + 3), "--decay_steps", "400",
+                     "--ckpt_interval", "1000", "--eval_interval", "1000")) == 0
+    assert_bit_identical(weights(reference), weights(out))
+
+
+KILLER = """
+import sys, torch
+from pathlib import Path
+from llm import checkpoint
+from llm.config import resolve
+from llm.distributed import Dist
+from llm.model import Transformer
+from llm.tokenizer import Tokenizer
+run = resolve("tiny", {{}})
+model = Transformer(run.model)
+optimizer = torch.optim.AdamW(model.parameters())
+tokenizer = Tokenizer.train(["abc def"] * 3, 260)
+step = {start}
+while True:
+    step += 1
+    with torch.no_grad():
+        for p in model.parameters():
+            p.fill_(step)  # the weights say which step they belong to
+    checkpoint.save(Path(sys.argv[1]), step, model, optimizer, tokenizer, run, Dist(), tokens_seen=step)
+"""
+
+
+def test_checkpoint_killed_midway_leaves_previous_loadable(tmp_path):
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    last = 0
+    for attempt in range(4):
+        proc = subprocess.Popen([sys.executable, "-c", KILLER.format(start=last), str(run_dir)], cwd=ROOT,
+                                stderr=subprocess.PIPE)
+        deadline = time.time() + 60
+        while time.time() < deadline and checkpoint.current(run_dir) is None or (
+                json.loads((checkpoint.current(run_dir) / "trainer.json").read_text())["step"] <= last):
+            time.sleep(0.05)
+        time.sleep(0.1 + 0.15 * attempt)  # land somewhere inside a later save
+        proc.kill()
+        proc.wait()
+        model, _ = llm.load(run_dir)  # the link always names a complete checkpoint
+        step = json.loads((run_dir / "checkpoint" / "trainer.json").read_text())["step"]
+        assert step > last
+        assert all(torch.all(p == step) for p in model.parameters())
+        last = step
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--n_layers=3"], "unrecognized arguments: --n_layers=3 (did you mean --n_layer?)"),
+    (["--d_model", "30"], "d_model=30 is not divisible by n_head=4"),
+    (["--n_kv_head", "3"], "n_head=4 is not divisible by n_kv_head=3"),
+    (["--lr", "0"], "lr must be positive"),
+    (["--lr=-1e-3"], "lr must be positive"),
+    (["--max_steps", "0"], "max_steps must be positive"),
+    (["--batch_size", "-2"], "batch_size must be positive"),
+    (["--n_layer", "two"], "--n_layer expects int, got 'two'"),
+    (["--data", "/no/such/corpus"], "no files found at /no/such/corpus"),
+    (["--config", "nope"], "no config named 'nope'"),
+    (["--resume", "--config", "tiny"], "drop --config"),
+])
+def test_bad_input_one_line(corpus, cache_dir, tmp_path, capsys, extra, message):
+    argv = args(corpus, cache_dir, tmp_path / "run") + extra
+    if "--config" in extra:
+        argv = argv[2:]
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("error: ") and message in err, err
+    assert not (tmp_path / "run" / "checkpoint").exists()
+
+
+def test_bad_input_from_the_shell(tmp_path):
+    """The real command line: one line on stderr, exit status 2, no traceback."""
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    result = subprocess.run([sys.executable, "train.py", "--data", str(empty), "--out_dir", str(tmp_path / "o")],
+                            cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2
+    assert result.stderr == f"error: no files found at {empty}\n"
+
+
+def test_unknown_key_in_config_file(corpus, cache_dir, tmp_path, capsys):
+    (tmp_path / "mine.toml").write_text('n_layer = 2\nlearning_rate = 0.1\n')
+    with pytest.raises(SystemExit):
+        main(["--config", str(tmp_path / "mine.toml"), "--data", str(corpus), "--out_dir", str(tmp_path / "o")])
+    assert "unknown config key 'learning_rate'" in capsys.readouterr().err
+
+
+def test_existing_run_is_never_overwritten(corpus, cache_dir, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(args(corpus, cache_dir, out, "--max_steps", "2")) == 0
+    before = (out / "model.safetensors").read_bytes()
+    with pytest.raises(SystemExit):
+        main(args(corpus, cache_dir, out, "--max_steps", "3"))
+    assert "already holds a run" in capsys.readouterr().err
+    assert (out / "model.safetensors").read_bytes() == before
+    assert main(args(corpus, cache_dir, out, "--max_steps", "3", "--overwrite")) == 0
+    assert json.loads((out / "checkpoint" / "trainer.json").read_text())["step"] == 3
+
+
+def test_init_from_starts_fresh_from_weights(corpus, cache_dir, tmp_path):
+    source = tmp_path / "source"
+    assert main(args(corpus, cache_dir, source, "--max_steps", "3")) == 0
+    out = tmp_path / "finetune"
+    assert main(args(corpus, cache_dir, out, "--init_from", str(source), "--max_steps", "1", "--lr", "1e-12",
+                     "--warmup_steps", "0", "--weight_decay", "0")) == 0
+    assert json.loads((out / "checkpoint" / "trainer.json").read_text())["step"] == 1  # a new schedule
+    a, b = weights(source), weights(out)
+    for name in a:  # a ~zero learning rate: the weights are the source's
+        torch.testing.assert_close(a[name], b[name], rtol=0, atol=1e-6)
+    assert (out / "tokenizer.json").read_text() == (source / "tokenizer.json").read_text()
+
+
+def test_init_from_keeps_architecture(corpus, cache_dir, tmp_path, capsys):
+    source = tmp_path / "source"
+    assert main(args(corpus, cache_dir, source, "--max_steps", "1")) == 0
+    with pytest.raises(SystemExit):
+        main(args(corpus, cache_dir, tmp_path / "o", "--init_from", str(source), "--n_layer", "3"))
+    assert "cannot change n_layer" in capsys.readouterr().err
+
+
+def test_compiled_model_saves_plain_names(corpus, cache_dir, tmp_path, monkeypatch):
+    eager_compile = lambda model, **kw: torch._dynamo.optimize("eager")(model)  # no C++ toolchain needed
+    monkeypatch.setattr(torch, "compile", eager_compile)
+    out = tmp_path / "compiled"
+    assert main(args(corpus, cache_dir, out, "--max_steps", "2", "--compile")) == 0
+    names = weights(out).keys()
+    assert not any("_orig_mod" in n for n in names)
+    llm.load(out)
+
+
+def test_checkpoint_config_must_match_weights(corpus, cache_dir, tmp_path):
+    out = tmp_path / "run"
+    assert main(args(corpus, cache_dir, out, "--max_steps", "1")) == 0
+    ckpt = checkpoint.current(out)
+    config = json.loads((ckpt / "config.json").read_text())
+    (ckpt / "config.json").write_text(json.dumps({**config, "d_model": 128, "ffn_hidden": None}))
+    with pytest.raises(llm.errors.UserError, match="config.json does not match model.safetensors"):
+        llm.load(out)
+
+
+def test_truncated_weights(corpus, cache_dir, tmp_path):
+    out = tmp_path / "run"
+    assert main(args(corpus, cache_dir, out, "--max_steps", "1")) == 0
+    path = checkpoint.current(out) / "model.safetensors"
+    path.write_bytes(path.read_bytes()[: os.path.getsize(path) // 2])
+    with pytest.raises(llm.errors.UserError, match="not a valid safetensors file"):
+        llm.load(out)

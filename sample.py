@@ -14,7 +14,7 @@ import torch
 import llm
 from llm.errors import UserError, exit_on_user_error
 from llm.generate import Sampling, complete
-from llm.viz import save_attention_map
+from llm.viz import check_layer_and_head, save_attention_map
 
 
 class Parser(argparse.ArgumentParser):
@@ -76,6 +76,8 @@ def main(argv) -> int:
         dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16,
                  "auto": torch.bfloat16 if device.type == "cuda" else torch.float32}[args.dtype]
         model, tokenizer = llm.load(args.ckpt, device=device, dtype=dtype)
+        if args.attention_png:
+            check_layer_and_head(model.config, args.attention_layer, args.attention_head)
         if args.attention:
             for block in model.layers:
                 block.attention.backend = args.attention

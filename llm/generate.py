@@ -120,6 +120,8 @@ class TextStream:
 
     def add(self, token: int) -> str:
         """Add a token; return the text that became safe to show."""
+        if self.stopped:
+            return ""
         self.pending.append(token)
         piece = self.tokenizer.decode(self.pending)
         # An incomplete character decodes as U+FFFD; at most 3 more bytes (tokens) complete it.
@@ -131,7 +133,7 @@ class TextStream:
 
     def finish(self) -> str:
         """The sequence ended: return everything still held back."""
-        if self.pending:
+        if self.pending and not self.stopped:
             self.text += self.tokenizer.decode(self.pending)
             self.pending = []
         return self._release(final=True)

@@ -7,12 +7,15 @@ import torch
 from llm.errors import UserError
 
 
+def check_layer_and_head(config, layer: int, head: int):
+    if not -config.n_layer <= layer < config.n_layer or not -config.n_head <= head < config.n_head:
+        raise UserError(f"the model has {config.n_layer} layers and {config.n_head} heads; got layer {layer}, head {head}")
+
+
 @torch.no_grad()
 def attention_map(model, ids: list[int], layer: int, head: int) -> torch.Tensor:
     """(T, T) attention probabilities of one head (rows: queries, columns: keys)."""
-    c = model.config
-    if not -c.n_layer <= layer < c.n_layer or not -c.n_head <= head < c.n_head:
-        raise UserError(f"the model has {c.n_layer} layers and {c.n_head} heads; got layer {layer}, head {head}")
+    check_layer_and_head(model.config, layer, head)
     maps = []
     model(torch.tensor([ids], device=next(model.parameters()).device), attn_maps=maps, last_only=True)
     return maps[layer][0, head].float().cpu()

@@ -133,6 +133,8 @@ def train_or_load_tokenizer(corpus: Corpus, vocab_size: int, cache_dir: Path, ma
         return Tokenizer.from_file(path)
     docs = tqdm(corpus.documents(max_bytes), desc="training tokenizer", unit=" docs", leave=False)
     tokenizer = Tokenizer.train(docs, vocab_size)
+    if docs.n == 0:
+        raise UserError(f"corpus {corpus.name} has no documents (all files are empty)")
     path.parent.mkdir(parents=True, exist_ok=True)
     tokenizer.save(path)
     return tokenizer

@@ -1,4 +1,5 @@
 """User-facing errors: bad input ends a command with one line on stderr, never a traceback."""
+import os
 import sys
 from contextlib import contextmanager
 
@@ -9,10 +10,14 @@ class UserError(Exception):
 
 @contextmanager
 def exit_on_user_error():
-    """Turn a UserError into `error: <message>` on stderr and exit status 2."""
+    """Turn a UserError into `error: <message>` on stderr and exit status 2.
+
+    Under torchrun, processes other than rank 0 say which rank they are.
+    """
     try:
         yield
     except UserError as e:
         message = " ".join(str(e).split())  # always one line
-        print(f"error: {message}", file=sys.stderr)
+        rank = os.environ.get("RANK", "0")
+        print(f"{f'[rank {rank}] ' if rank != '0' else ''}error: {message}", file=sys.stderr)
         sys.exit(2)

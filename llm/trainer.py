@@ -159,23 +159,28 @@ def prepare_run_dir(cfg: TrainConfig, d: Dist) -> Path:
 def load_tokenizer_and_data(run: RunConfig, d: Dist, ckpt: Path | None):
     """The run's tokenizer (from the checkpoint, a file, or trained) and its token files.
 
-    Under torchrun the first process of each node builds the caches while the others wait.
+    Under torchrun the first process of each node builds the caches while the others
+    wait; if it fails, the others stop too instead of waiting forever.
     """
     cfg = run.train
     cache_dir = Path(cfg.cache_dir).expanduser()
-    for turn in (True, False):
-        if (d.local_rank == 0) == turn:
-            corpus = open_corpus(cfg.data)
-            if ckpt is not None:
-                tokenizer = Tokenizer.from_file(ckpt / "tokenizer.json")
-            elif cfg.tokenizer:
-                tokenizer = Tokenizer.from_file(Path(cfg.tokenizer).expanduser())
-            else:
-                tokenizer = train_or_load_tokenizer(corpus, run.model.vocab_size, cache_dir, cfg.tokenizer_train_bytes)
-            splits = prepare_tokens(corpus, tokenizer, cache_dir, cfg.val_fraction)
-        if turn:
-            barrier(d)
-    return tokenizer, splits
+    corpus = open_corpus(cfg.data)  # cheap checks, on every process
+    source = ckpt / "tokenizer.json" if ckpt is not None else Path(cfg.tokenizer).expanduser() if cfg.tokenizer else None
+    tokenizer = Tokenizer.from_file(source) if source is not None else None
+
+    def build():
+        tok = tokenizer or train_or_load_tokenizer(corpus, run.model.vocab_size, cache_dir, cfg.tokenizer_train_bytes)
+        return tok, prepare_tokens(corpus, tok, cache_dir, cfg.val_fraction)
+
+    error = None
+    if d.local_rank == 0:
+        try:
+            result = build()
+        except UserError as e:
+            error = e
+    if any_rank(error is not None, d):
+        raise error or UserError("another process failed while preparing the data (its error is above)")
+    return result if d.local_rank == 0 else build()
 
 
 class StopSignal:

@@ -138,7 +138,9 @@ def test_empty_corpus(tmp_path, tokenizer):
     (tmp_path / "empty.txt").write_text("")
     with pytest.raises(UserError, match="no documents"):
         prepare_tokens(open_corpus(str(tmp_path)), tokenizer, tmp_path / "cache", 0.1)
-    assert not (tmp_path / "cache" / "tokens").exists() or not any((tmp_path / "cache" / "tokens").iterdir())
+    with pytest.raises(UserError, match="no documents"):
+        train_or_load_tokenizer(open_corpus(str(tmp_path)), 300, tmp_path / "cache", 10**6)
+    assert not list((tmp_path / "cache").rglob("*.json")) and not list((tmp_path / "cache").rglob("*.bin"))
 
 
 def test_unreadable_file(tmp_path, monkeypatch):

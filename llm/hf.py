@@ -1,0 +1,340 @@
+"""Hugging Face interop: read and write Llama-format directories.
+
+    load_llama(path)              a Hugging Face Llama directory -> (Transformer, Tokenizer)
+    export_llama(run_dir, out)    a run directory -> the files of a Llama directory that
+                                  transformers' AutoModelForCausalLM / AutoTokenizer load
+
+Our Llama-style settings (rmsnorm, pre-norm, swiglu, rope) are the same computation as
+transformers' LlamaForCausalLM: RoPE uses the same rotate_half layout, so weights only
+change names, and our fused query/key/value projection is their three stacked row-wise.
+One table, NAMES, holds that correspondence and serves both directions.
+
+Only plain Llama is supported: no rope scaling (linear, dynamic, yarn, llama3, ...),
+SiLU only, and biases either everywhere (attention_bias and mlp_bias) or nowhere.
+Loading needs safetensors weights (one file, or shards with an index) and tokenizer.json.
+"""
+import json
+import math
+import re
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from tokenizers import Tokenizer as HFTokenizer
+
+from llm.config import ModelConfig
+from llm.errors import UserError
+from llm.model import Transformer
+from llm.tokenizer import Tokenizer
+
+# Our module -> the Hugging Face modules it is made of (stacked along dim 0 when several).
+# Parameters follow their module: "layers.3.attention.wqkv.bias" -> the q/k/v_proj biases of layer 3.
+NAMES = {
+    "tok_embeddings": ("model.embed_tokens",),
+    "norm": ("model.norm",),
+    "output": ("lm_head",),
+    "layers.{i}.attention_norm": ("model.layers.{i}.input_layernorm",),
+    "layers.{i}.attention.wqkv": ("model.layers.{i}.self_attn.q_proj", "model.layers.{i}.self_attn.k_proj",
+                                  "model.layers.{i}.self_attn.v_proj"),
+    "layers.{i}.attention.wo": ("model.layers.{i}.self_attn.o_proj",),
+    "layers.{i}.ffn_norm": ("model.layers.{i}.post_attention_layernorm",),
+    "layers.{i}.feed_forward.w1": ("model.layers.{i}.mlp.gate_proj",),
+    "layers.{i}.feed_forward.w3": ("model.layers.{i}.mlp.up_proj",),
+    "layers.{i}.feed_forward.w2": ("model.layers.{i}.mlp.down_proj",),
+}
+LAYER = re.compile(r"layers\.(\d+)\.(.+)")
+
+# What export requires of a ModelConfig: option -> (the Llama value, why).
+LLAMA_OPTIONS = {
+    "norm": ("rmsnorm", "Llama needs rmsnorm"),
+    "norm_position": ("pre", "Llama needs pre-norm"),
+    "ffn": ("swiglu", "Llama needs swiglu"),
+    "pos_embedding": ("rope", "Llama needs rope"),
+}
+
+
+def hf_names(name: str) -> tuple[str, ...]:
+    """Our parameter name -> the Hugging Face parameter names it is stacked from."""
+    module, param = name.rsplit(".", 1)
+    layer = LAYER.fullmatch(module)
+    key, i = (f"layers.{{i}}.{layer.group(2)}", layer.group(1)) if layer else (module, None)
+    if key not in NAMES:
+        raise ValueError(f"{name} has no Llama counterpart")
+    return tuple(f"{theirs.format(i=i)}.{param}" for theirs in NAMES[key])
+
+
+def split_sizes(config: ModelConfig, name: str) -> list[int]:
+    """Row sizes of the Hugging Face parts of one of our parameters."""
+    if ".attention.wqkv." in name:
+        return [config.n_head * config.head_dim, config.n_kv_head * config.head_dim, config.n_kv_head * config.head_dim]
+    return [-1]
+
+
+def to_hf(state_dict: dict, config: ModelConfig) -> dict:
+    """Our state dict -> Hugging Face Llama names (views; the fused q/k/v split row-wise)."""
+    out = {}
+    for name, tensor in state_dict.items():
+        names = hf_names(name)
+        parts = tensor.split(split_sizes(config, name), dim=0) if len(names) > 1 else (tensor,)
+        out.update(zip(names, parts))
+    return out
+
+
+def from_hf(weights: dict, names) -> dict:
+    """Hugging Face Llama tensors -> our state dict, for our parameter `names`."""
+    out = {}
+    for name in names:
+        parts = [weights[n] for n in hf_names(name)]
+        out[name] = torch.cat(parts, dim=0) if len(parts) > 1 else parts[0]
+    return out
+
+
+# ---------------------------------------------------------------- import
+
+
+def read_json(path: Path) -> dict:
+    try:
+        value = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise UserError(f"{path} does not exist")
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise UserError(f"cannot read {path}: {e}")
+    if not isinstance(value, dict):
+        raise UserError(f"{path} is not a JSON object")
+    return value
+
+
+REQUIRED = object()
+
+
+def field(config: dict, key: str, kind: type, default=REQUIRED, where: str = "config.json"):
+    """config[key] checked to be of `kind` (float accepts int), or the default when absent or null."""
+    value = config.get(key)
+    if value is None:
+        if default is REQUIRED:
+            raise UserError(f"{where} has no {key!r}")
+        return default
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) if kind is float else \
+        isinstance(value, kind) and (kind is bool or not isinstance(value, bool))
+    if not ok:
+        raise UserError(f"{where}: {key} must be {kind.__name__}, got {value!r}")
+    return float(value) if kind is float else value
+
+
+def rope_theta(config: dict) -> float:
+    """The RoPE base, from transformers 5's rope_parameters or older files' rope_theta / rope_scaling."""
+    theta = field(config, "rope_theta", float, 10000.0)
+    for key in ("rope_scaling", "rope_parameters"):  # rope_parameters, when present, has the last word
+        params = config.get(key)
+        if params is None:
+            continue
+        if not isinstance(params, dict) or any(isinstance(v, dict) for v in params.values()):
+            raise UserError(f"config.json: unsupported {key} {params!r} (expected one dict for all layers)")
+        kind = params.get("rope_type", params.get("type", "default"))
+        if kind != "default":
+            raise UserError(f"config.json: unsupported {key} rope_type {kind!r} (only 'default' RoPE, without scaling)")
+        theta = field(params, "rope_theta", float, theta, where=f"config.json {key}")
+    return theta
+
+
+def model_config(config: dict) -> ModelConfig:
+    """A Hugging Face LlamaConfig (as a dict) -> our ModelConfig; unsupported settings are a UserError."""
+    model_type = config.get("model_type")
+    if model_type != "llama":
+        raise UserError(f"config.json: unsupported model_type {model_type!r} (only 'llama' can be loaded)")
+    act = field(config, "hidden_act", str, "silu")
+    if act != "silu":
+        raise UserError(f"config.json: unsupported hidden_act {act!r} (Llama's SwiGLU needs 'silu')")
+    attention_bias, mlp_bias = field(config, "attention_bias", bool, False), field(config, "mlp_bias", bool, False)
+    if attention_bias != mlp_bias:
+        raise UserError(f"config.json: attention_bias={attention_bias} with mlp_bias={mlp_bias} is unsupported "
+                        "(biases must be in every linear layer or in none)")
+    d_model, n_head = field(config, "hidden_size", int), field(config, "num_attention_heads", int)
+    if n_head <= 0:
+        raise UserError(f"config.json: num_attention_heads must be positive, got {n_head}")
+    return ModelConfig(
+        vocab_size=field(config, "vocab_size", int),
+        block_size=field(config, "max_position_embeddings", int, 2048),
+        n_layer=field(config, "num_hidden_layers", int),
+        n_head=n_head,
+        n_kv_head=field(config, "num_key_value_heads", int, n_head),
+        d_model=d_model,
+        head_dim=field(config, "head_dim", int, d_model // n_head),
+        ffn_hidden=field(config, "intermediate_size", int),
+        norm="rmsnorm",
+        norm_position="pre",
+        norm_eps=field(config, "rms_norm_eps", float, 1e-6),
+        ffn="swiglu",
+        pos_embedding="rope",
+        rope_theta=rope_theta(config),
+        bias=attention_bias,
+        tie_embeddings=field(config, "tie_word_embeddings", bool, False),
+    )
+
+
+def read_safetensors(path: Path) -> dict:
+    try:
+        return load_file(path)
+    except FileNotFoundError:
+        raise UserError(f"{path} does not exist")
+    except (SafetensorError, OSError) as e:
+        raise UserError(f"{path} is not a valid safetensors file ({e})")
+
+
+def read_weights(path: Path) -> tuple[dict, str]:
+    """The tensors of model.safetensors, or of the shards named by model.safetensors.index.json, and which it was."""
+    if (path / "model.safetensors").exists():
+        return read_safetensors(path / "model.safetensors"), "model.safetensors"
+    index = path / "model.safetensors.index.json"
+    if not index.exists():
+        other = [p.name for p in path.glob("*.bin")] + [p.name for p in path.glob("*.pth")]
+        hint = f" ({other[0]} is not supported: convert it to safetensors)" if other else ""
+        raise UserError(f"{path} has neither model.safetensors nor model.safetensors.index.json{hint}")
+    weight_map = read_json(index).get("weight_map")
+    if not isinstance(weight_map, dict) or not all(isinstance(f, str) for f in weight_map.values()):
+        raise UserError(f"{index} has no weight_map of tensor names to files")
+    weights = {}
+    for shard in sorted(set(weight_map.values())):
+        if Path(shard).name != shard:
+            raise UserError(f"{index} names a shard outside the directory: {shard!r}")
+        weights.update(read_safetensors(path / shard))
+    return weights, f"the shards of {index.name}"
+
+
+def check_weights(weights: dict, expected: dict, source: str):
+    """Names and shapes of `weights` against `expected` (name -> tensor), as one clear line."""
+    missing, unexpected = sorted(set(expected) - set(weights)), sorted(set(weights) - set(expected))
+    if missing or unexpected:
+        what = f"missing {missing[0]}" if missing else f"unexpected {unexpected[0]}"
+        raise UserError(f"config.json does not match {source}: {what} ({len(missing)} missing, {len(unexpected)} unexpected)")
+    for name, tensor in weights.items():
+        if tensor.shape != expected[name].shape:
+            raise UserError(f"config.json does not match {source}: {name} has shape {tuple(tensor.shape)}, "
+                            f"the config implies {tuple(expected[name].shape)}")
+
+
+def eos_token(path: Path, config: dict, tokenizer: HFTokenizer) -> str:
+    """The end-of-sequence token: config.json's eos_token_id, else generation_config.json's, else tokenizer_config.json's."""
+    sources = [("config.json", config)]
+    for name in ("generation_config.json", "tokenizer_config.json"):
+        if (path / name).exists():
+            sources.append((name, read_json(path / name)))
+    for name, values in sources:
+        eos = values.get("eos_token_id")
+        if isinstance(eos, list):
+            eos = eos[0] if eos else None
+        if isinstance(eos, int) and not isinstance(eos, bool):
+            token = tokenizer.id_to_token(eos)
+            if token is None:
+                raise UserError(f"{name}: eos_token_id {eos} is not in tokenizer.json's vocabulary")
+            return token
+        eos = values.get("eos_token")
+        if isinstance(eos, dict):  # older tokenizer_config.json: an AddedToken
+            eos = eos.get("content")
+        if isinstance(eos, str) and eos:
+            return eos
+    raise UserError(f"{path} names no end-of-sequence token (eos_token_id in config.json or generation_config.json, "
+                    "or eos_token in tokenizer_config.json)")
+
+
+def load_llama(path) -> tuple[Transformer, Tokenizer]:
+    """A Hugging Face Llama directory -> (our Transformer with its weights, fp32, and the tokenizer)."""
+    path = Path(path)
+    hf_config = read_json(path / "config.json")
+    config = model_config(hf_config)
+    if not (path / "tokenizer.json").exists():
+        raise UserError(f"{path} has no tokenizer.json (only the tokenizers-library format is supported)")
+    try:
+        hf_tokenizer = HFTokenizer.from_file(str(path / "tokenizer.json"))
+    except Exception as e:  # tokenizers raises plain Exception on bad files
+        raise UserError(f"cannot load tokenizer {path / 'tokenizer.json'}: {e}")
+    tokenizer = Tokenizer(hf_tokenizer, eot=eos_token(path, hf_config, hf_tokenizer))
+    model = Transformer(config)
+    weights, source = read_weights(path)
+    if config.tie_embeddings:
+        weights.pop("lm_head.weight", None)  # some tied checkpoints store the shared matrix twice
+    state = model.state_dict()
+    check_weights(weights, to_hf(state, config), source)
+    model.load_state_dict(from_hf(weights, state))
+    return model, tokenizer
+
+
+# ---------------------------------------------------------------- export
+
+
+def check_exportable(config: ModelConfig):
+    for option, (value, why) in LLAMA_OPTIONS.items():
+        if getattr(config, option) != value:
+            raise UserError(f"cannot export: {option}={getattr(config, option)!r} ({why})")
+    if config.d_model % config.n_head:
+        raise UserError(f"cannot export: d_model={config.d_model} is not a multiple of n_head={config.n_head} "
+                        "(transformers' LlamaConfig requires it, even with an explicit head_dim)")
+
+
+def hf_config(config: ModelConfig, eot_id: int) -> dict:
+    return {
+        "architectures": ["LlamaForCausalLM"],
+        "model_type": "llama",
+        "vocab_size": config.vocab_size,
+        "hidden_size": config.d_model,
+        "intermediate_size": config.ffn_hidden,
+        "num_hidden_layers": config.n_layer,
+        "num_attention_heads": config.n_head,
+        "num_key_value_heads": config.n_kv_head,
+        "head_dim": config.head_dim,
+        "hidden_act": "silu",
+        "max_position_embeddings": config.block_size,
+        "rms_norm_eps": config.norm_eps,
+        "rope_parameters": {"rope_type": "default", "rope_theta": config.rope_theta},
+        "rope_theta": config.rope_theta,  # where transformers 4.x reads it
+        "rope_scaling": None,
+        "attention_bias": config.bias,
+        "mlp_bias": config.bias,
+        "attention_dropout": 0.0,
+        "tie_word_embeddings": config.tie_embeddings,
+        "bos_token_id": eot_id,
+        "eos_token_id": eot_id,
+        "pad_token_id": eot_id,
+        "initializer_range": 0.02,
+        "pretraining_tp": 1,
+        "use_cache": True,
+        "dtype": "float32",
+        "torch_dtype": "float32",  # transformers 4.x
+    }
+
+
+def write_json(path: Path, obj: dict):
+    path.write_text(json.dumps(obj, indent=2) + "\n")
+
+
+def export_llama(run_dir, out_dir):
+    """Write run_dir's model and tokenizer into out_dir (created if needed) as a Hugging Face Llama directory."""
+    from llm.checkpoint import load  # llm.checkpoint imports this module
+
+    model, tokenizer = load(run_dir)
+    config = model.config
+    check_exportable(config)
+    if not (math.isfinite(config.rope_theta) and config.rope_theta > 0):
+        raise UserError(f"cannot export: rope_theta={config.rope_theta}")
+    eot = tokenizer.hf.id_to_token(tokenizer.eot_id)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    weights = {k: v.detach().to("cpu", torch.float32).contiguous().clone()
+               for k, v in to_hf(model.state_dict(), config).items()}  # clone: no shared storage in the file
+    save_file(weights, out / "model.safetensors", metadata={"format": "pt"})
+    write_json(out / "config.json", hf_config(config, tokenizer.eot_id))
+    write_json(out / "generation_config.json", {"bos_token_id": tokenizer.eot_id, "eos_token_id": tokenizer.eot_id,
+                                                "pad_token_id": tokenizer.eot_id})
+    tokenizer.hf.save(str(out / "tokenizer.json"))
+    write_json(out / "tokenizer_config.json", {
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        "bos_token": eot,
+        "eos_token": eot,
+        "unk_token": eot,
+        "pad_token": eot,
+        "model_max_length": config.block_size,
+        "clean_up_tokenization_spaces": False,
+        "add_bos_token": False,
+        "add_eos_token": False,
+    })

@@ -79,3 +79,19 @@ def test_consolidated_weights_load_without_torchrun(runs):
     ids = torch.tensor([tokenizer.encode("def main():")])
     assert model(ids).shape == (1, ids.size(1), model.config.vocab_size)
     assert (runs["one"] / "checkpoint" / "state" / "__1_0.distcp").exists()  # rank 1 wrote its own shard
+
+
+def test_activation_checkpointing_changes_nothing_but_memory(seed):
+    from llm.distributed import Dist, parallelize
+    from tests.helpers import tiny_model
+
+    x = torch.randint(0, 97, (2, 17))
+    grads = []
+    for checkpointing in (False, True):
+        model = parallelize(tiny_model(seed).train(), Dist(), None, activation_checkpointing=checkpointing)
+        model(x[:, :-1], x[:, 1:]).backward()
+        grads.append({n: p.grad for n, p in model.named_parameters()})
+    assert list(model.state_dict()) == list(tiny_model(seed).state_dict())  # no wrapper prefixes in saved names
+    assert len(grads[0]) == len(grads[1])
+    for (na, a), (nb, b) in zip(grads[0].items(), grads[1].items()):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12, msg=na)

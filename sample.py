@@ -12,18 +12,13 @@ import time
 import torch
 
 import llm
-from llm.errors import UserError, exit_on_user_error
+from llm.errors import ArgumentParser, UserError, exit_on_user_error
 from llm.generate import Sampling, complete
 from llm.viz import check_layer_and_head, save_attention_map
 
 
-class Parser(argparse.ArgumentParser):
-    def error(self, message):  # one line, not usage + message
-        raise UserError(message)
-
-
 def parse(argv):
-    p = Parser(description=__doc__.splitlines()[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = ArgumentParser(description=__doc__.splitlines()[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--ckpt", default="out", help="run directory or Hugging Face Llama directory")
     p.add_argument("--prompt", action="append", help="prompt text, '-' for stdin; repeat for a batch")
     p.add_argument("--prompt_file", action="append", help="a file whose whole text is one prompt; repeatable")

@@ -119,11 +119,14 @@ def holds_run(path: Path) -> bool:
 
 def read_json(path: Path) -> dict:
     try:
-        return json.loads(path.read_text())
+        value = json.loads(path.read_text())
     except FileNotFoundError:
         raise UserError(f"{path} does not exist")
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise UserError(f"cannot read {path}: {e}")
+    if not isinstance(value, dict):
+        raise UserError(f"{path} is not a JSON object")
+    return value
 
 
 def resume_state(run_dir: Path) -> tuple[RunConfig, dict, Path]:
@@ -149,23 +152,31 @@ def load_training_state(ckpt: Path, model, optimizer):
     set_optimizer_state_dict(model, optimizer, state["optim"])
 
 
-def load_weights(model: Transformer, path: Path):
-    """Load model.safetensors into a model, with clear errors for corrupt or mismatched files."""
+def read_safetensors(path: Path) -> dict:
     try:
-        weights = load_file(path)
+        return load_file(path)
     except FileNotFoundError:
         raise UserError(f"{path} does not exist")
     except (SafetensorError, OSError) as e:
         raise UserError(f"{path} is not a valid safetensors file ({e})")
-    expected = model.state_dict()
+
+
+def check_weights(weights: dict, expected: dict, source: str):
+    """Names and shapes of `weights` against `expected` (name -> tensor), as one clear line."""
     missing, unexpected = sorted(set(expected) - set(weights)), sorted(set(weights) - set(expected))
     if missing or unexpected:
         what = f"missing {missing[0]}" if missing else f"unexpected {unexpected[0]}"
-        raise UserError(f"config.json does not match {path.name}: {what} ({len(missing)} missing, {len(unexpected)} unexpected)")
-    for name, tensor in weights.items():
-        if tensor.shape != expected[name].shape:
-            raise UserError(f"config.json does not match {path.name}: {name} has shape {tuple(tensor.shape)}, "
-                            f"the config implies {tuple(expected[name].shape)}")
+        raise UserError(f"config.json does not match {source}: {what} ({len(missing)} missing, {len(unexpected)} unexpected)")
+    for name, tensor in expected.items():  # in the model's order: the first layer's first mismatch
+        if weights[name].shape != tensor.shape:
+            raise UserError(f"config.json does not match {source}: {name} has shape {tuple(weights[name].shape)}, "
+                            f"the config implies {tuple(tensor.shape)}")
+
+
+def load_weights(model: Transformer, path: Path):
+    """Load model.safetensors into a model, with clear errors for corrupt or mismatched files."""
+    weights = read_safetensors(path)
+    check_weights(weights, model.state_dict(), path.name)
     model.load_state_dict(weights)
 
 

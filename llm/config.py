@@ -16,7 +16,7 @@ from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
 
 from llm.attention import BACKENDS
-from llm.errors import UserError
+from llm.errors import ArgumentParser, UserError
 
 
 def option(default, help: str):
@@ -223,15 +223,15 @@ def flatten(run: RunConfig) -> dict:
     return {**run.to_dict()["model"], **run.to_dict()["train"]}
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):  # one line, not usage + message
+class _Parser(ArgumentParser):
+    def error(self, message):
         unknown = [a for a in message.split() if a.startswith("--")]
         if message.startswith("unrecognized arguments") and unknown:
             key = unknown[0][2:].split("=")[0]
             close = difflib.get_close_matches(key, FIELDS, n=1)
             if close:
                 message += f" (did you mean --{close[0]}?)"
-        raise UserError(message)
+        super().error(message)
 
 
 def argument_parser(description: str) -> argparse.ArgumentParser:

@@ -1,4 +1,5 @@
 """User-facing errors: bad input ends a command with one line on stderr, never a traceback."""
+import argparse
 import os
 import sys
 from contextlib import contextmanager
@@ -21,3 +22,10 @@ def exit_on_user_error():
         rank = os.environ.get("RANK", "0")
         print(f"{f'[rank {rank}] ' if rank != '0' else ''}error: {message}", file=sys.stderr)
         sys.exit(2)
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse, but a bad command line is a UserError (one line) instead of usage + message."""
+
+    def error(self, message):
+        raise UserError(message)

@@ -19,18 +19,13 @@ import sys
 from pathlib import Path
 
 from llm.checkpoint import holds_run, sync_dir
-from llm.errors import UserError, exit_on_user_error
+from llm.errors import ArgumentParser, UserError, exit_on_user_error
 from llm.hf import export_llama
-
-
-class Parser(argparse.ArgumentParser):
-    def error(self, message):  # one line, not usage + message
-        raise UserError(message)
 
 
 def parse(argv):
     doc = __doc__.split("\n\n")
-    p = Parser(prog="python -m llm.export", description=doc[0], epilog="\n\n".join(doc[1:]),
+    p = ArgumentParser(prog="python -m llm.export", description=doc[0], epilog="\n\n".join(doc[1:]),
                formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False)
     p.add_argument("--ckpt", required=True, help="run directory (as train.py writes it) to export")
     p.add_argument("--out", required=True, help="the Hugging Face directory to create")

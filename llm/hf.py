@@ -13,16 +13,15 @@ Only plain Llama is supported: no rope scaling (linear, dynamic, yarn, llama3, .
 SiLU only, and biases either everywhere (attention_bias and mlp_bias) or nowhere.
 Loading needs safetensors weights (one file, or shards with an index) and tokenizer.json.
 """
-import json
 import math
 import re
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from tokenizers import Tokenizer as HFTokenizer
 
+from llm.checkpoint import check_weights, load, read_json, read_safetensors, write_json
 from llm.config import ModelConfig
 from llm.errors import UserError
 from llm.model import Transformer
@@ -93,18 +92,6 @@ def from_hf(weights: dict, names) -> dict:
 # ---------------------------------------------------------------- import
 
 
-def read_json(path: Path) -> dict:
-    try:
-        value = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise UserError(f"{path} does not exist")
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise UserError(f"cannot read {path}: {e}")
-    if not isinstance(value, dict):
-        raise UserError(f"{path} is not a JSON object")
-    return value
-
-
 REQUIRED = object()
 
 
@@ -173,15 +160,6 @@ def model_config(config: dict) -> ModelConfig:
     )
 
 
-def read_safetensors(path: Path) -> dict:
-    try:
-        return load_file(path)
-    except FileNotFoundError:
-        raise UserError(f"{path} does not exist")
-    except (SafetensorError, OSError) as e:
-        raise UserError(f"{path} is not a valid safetensors file ({e})")
-
-
 def read_weights(path: Path) -> tuple[dict, str]:
     """The tensors of model.safetensors, or of the shards named by model.safetensors.index.json, and which it was."""
     if (path / "model.safetensors").exists():
@@ -200,18 +178,6 @@ def read_weights(path: Path) -> tuple[dict, str]:
             raise UserError(f"{index} names a shard outside the directory: {shard!r}")
         weights.update(read_safetensors(path / shard))
     return weights, f"the shards of {index.name}"
-
-
-def check_weights(weights: dict, expected: dict, source: str):
-    """Names and shapes of `weights` against `expected` (name -> tensor), as one clear line."""
-    missing, unexpected = sorted(set(expected) - set(weights)), sorted(set(weights) - set(expected))
-    if missing or unexpected:
-        what = f"missing {missing[0]}" if missing else f"unexpected {unexpected[0]}"
-        raise UserError(f"config.json does not match {source}: {what} ({len(missing)} missing, {len(unexpected)} unexpected)")
-    for name, tensor in weights.items():
-        if tensor.shape != expected[name].shape:
-            raise UserError(f"config.json does not match {source}: {name} has shape {tuple(tensor.shape)}, "
-                            f"the config implies {tuple(expected[name].shape)}")
 
 
 def eos_token(path: Path, config: dict, tokenizer: HFTokenizer) -> str:
@@ -241,15 +207,15 @@ def eos_token(path: Path, config: dict, tokenizer: HFTokenizer) -> str:
 def load_llama(path) -> tuple[Transformer, Tokenizer]:
     """A Hugging Face Llama directory -> (our Transformer with its weights, fp32, and the tokenizer)."""
     path = Path(path)
-    hf_config = read_json(path / "config.json")
-    config = model_config(hf_config)
+    raw = read_json(path / "config.json")
+    config = model_config(raw)
     if not (path / "tokenizer.json").exists():
         raise UserError(f"{path} has no tokenizer.json (only the tokenizers-library format is supported)")
     try:
         hf_tokenizer = HFTokenizer.from_file(str(path / "tokenizer.json"))
     except Exception as e:  # tokenizers raises plain Exception on bad files
         raise UserError(f"cannot load tokenizer {path / 'tokenizer.json'}: {e}")
-    tokenizer = Tokenizer(hf_tokenizer, eot=eos_token(path, hf_config, hf_tokenizer))
+    tokenizer = Tokenizer(hf_tokenizer, eot=eos_token(path, raw, hf_tokenizer))
     model = Transformer(config)
     weights, source = read_weights(path)
     if config.tie_embeddings:
@@ -304,14 +270,8 @@ def hf_config(config: ModelConfig, eot_id: int) -> dict:
     }
 
 
-def write_json(path: Path, obj: dict):
-    path.write_text(json.dumps(obj, indent=2) + "\n")
-
-
 def export_llama(run_dir, out_dir):
     """Write run_dir's model and tokenizer into out_dir (created if needed) as a Hugging Face Llama directory."""
-    from llm.checkpoint import load  # llm.checkpoint imports this module
-
     model, tokenizer = load(run_dir)
     config = model.config
     check_exportable(config)

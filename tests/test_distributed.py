@@ -5,8 +5,10 @@ Tolerance: fp32, losses within 1e-5 relative and weights within 1e-5 relative / 
 machine the two runs come out bit-identical.)
 """
 import json
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -95,3 +97,21 @@ def test_activation_checkpointing_changes_nothing_but_memory(seed):
     assert len(grads[0]) == len(grads[1])
     for (na, a), (nb, b) in zip(grads[0].items(), grads[1].items()):
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12, msg=na)
+
+
+def test_sigterm_to_torchrun_saves_a_checkpoint(corpus, cache_dir, tmp_path):
+    out = tmp_path / "run"
+    proc = subprocess.Popen(TORCHRUN + ["train.py", "--config", "tiny", "--data", str(corpus), "--cache_dir", str(cache_dir),
+                                        "--out_dir", str(out), "--max_steps", "100000", "--log_interval", "1",
+                                        "--ckpt_interval", "100000"],
+                            cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while time.time() < deadline and not (out / "metrics.jsonl").exists():
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode != 0
+    assert "checkpoint saved" in stderr
+    step = json.loads((out / "checkpoint" / "trainer.json").read_text())["step"]
+    assert 0 < step < 100000 and json.loads((out / "checkpoint" / "trainer.json").read_text())["world_size"] == 2
+    llm.load(out)

@@ -14,11 +14,17 @@ from tests.helpers import grid_id, option_grid, tiny_model
 GRID = list(option_grid())
 
 
-@pytest.mark.parametrize("backend", ["naive", "sdpa"])
-@pytest.mark.parametrize("options", GRID, ids=[grid_id(o) for o in GRID])
+CAUSALITY_CASES = [(b, o) for b in ("naive", "sdpa") for o in GRID] + [("triton", o) for o in GRID[::7]]
+
+
+@pytest.mark.parametrize("backend, options", CAUSALITY_CASES, ids=[f"{b}-{grid_id(o)}" for b, o in CAUSALITY_CASES])
 def test_causality(backend, options, seed):
     """Changing tokens after position t never changes the logits at positions <= t."""
-    model = tiny_model(seed, attention=backend, **options)
+    if backend == "triton":
+        pytest.importorskip("triton")
+    # the kernel takes fp16/bf16/fp32 and head dims of at least 16
+    kernel = dict(dtype=torch.float32, d_model=64) if backend == "triton" else {}
+    model = tiny_model(seed, attention=backend, **kernel, **options)
     x = torch.randint(0, 97, (2, 24))
     t = int(torch.randint(0, 23, ()))
     y = x.clone()

@@ -101,7 +101,7 @@ def plain_loop(run, steps: int) -> float:
 
 # --- sampling -------------------------------------------------------------------------------
 
-def timed_generation(model, batch: int, prompt_len: int, new_tokens: int, use_cache: bool, repeats: int = 3) -> float:
+def timed_generation(model, batch: int, prompt_len: int, new_tokens: int, use_cache: bool, repeats: int = 5) -> float:
     """Median tokens/s (generated tokens, all rows) for greedy generation."""
     device = next(model.parameters()).device
     prompts = torch.randint(0, model.config.vocab_size, (batch, prompt_len)).tolist()
@@ -137,7 +137,7 @@ def bench_sample(argv):
     p = argparse.ArgumentParser(description="python -m llm.bench sample: generation tokens/s")
     p.add_argument("--config", default="default", help="model shape, random weights (ignored with --ckpt)")
     p.add_argument("--ckpt", help="a run directory to load instead")
-    p.add_argument("--new_tokens", type=int, default=64)
+    p.add_argument("--new_tokens", type=int, default=128)
     p.add_argument("--device", default="auto")
     p.add_argument("--no_hf", action="store_true", help="skip the comparison with transformers")
     args = p.parse_args(argv)
@@ -161,7 +161,7 @@ def bench_sample(argv):
     for batch in (1, 8):
         for prompt_len in (32, 512):
             for use_cache in (True, False):
-                tps = timed_generation(model, batch, prompt_len, args.new_tokens, use_cache, repeats=1 if not use_cache else 3)
+                tps = timed_generation(model, batch, prompt_len, args.new_tokens, use_cache, repeats=5 if use_cache else 1)
                 table[batch, prompt_len, use_cache] = tps
                 print(f"{batch:>5} {prompt_len:>6} {'yes' if use_cache else 'no':>5} {tps:>10,.1f}", flush=True)
     for batch in (1, 8):
@@ -205,18 +205,18 @@ def compare_with_transformers(model, new_tokens: int):
 
     ours_tokens = torch.stack(list(generate(model, prompt.tolist(), new_tokens, Sampling(temperature=0))), dim=1)
     same = torch.equal(ours_tokens, hf_generate()[:, 32:])
-    times = {}
-    for name, fn in (("ours", lambda: list(generate(model, prompt.tolist(), new_tokens, Sampling(temperature=0)))),
-                     ("transformers", hf_generate)):
-        fn()  # warm-up
-        runs = []
-        for _ in range(5):
+    contenders = {"ours": lambda: list(generate(model, prompt.tolist(), new_tokens, Sampling(temperature=0))),
+                  "transformers": hf_generate}
+    runs = {name: [] for name in contenders}
+    for i in range(8):  # alternate, so that drifts in machine speed hit both alike; the first round warms up
+        for name, fn in contenders.items():
             sync(device)
             start = time.perf_counter()
             fn()
             sync(device)
-            runs.append(time.perf_counter() - start)
-        times[name] = new_tokens / statistics.median(runs)
+            if i:
+                runs[name].append(time.perf_counter() - start)
+    times = {name: new_tokens / statistics.median(r) for name, r in runs.items()}
     print(f"\nbatch 1, prompt 32, {new_tokens} new tokens, greedy (identical tokens: {same}):")
     print(f"  ours:         {times['ours']:8,.1f} tokens/s")
     print(f"  transformers: {times['transformers']:8,.1f} tokens/s  (ours is {times['ours'] / times['transformers']:.2f}x)")

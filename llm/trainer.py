@@ -42,7 +42,7 @@ def configure(name: str | None, overrides: dict) -> RunConfig:
         out_dir = Path(overrides.get("out_dir", TrainConfig.out_dir)).expanduser()
         saved, _, _ = checkpoint.resume_state(out_dir)
         check_architecture_kept(overrides, flatten(saved), "--resume")
-        return resolve(None, overrides, base=flatten(saved))
+        return resolve(None, {**overrides, "out_dir": str(out_dir)}, base=flatten(saved))
     run = resolve(name, overrides)
     if run.train.init_from:
         source = Path(run.train.init_from).expanduser()
@@ -88,7 +88,14 @@ class Batches:
         self.block_size = run.model.block_size
         check_length(train_tokens, self.block_size, "training")
         check_length(val_tokens, self.block_size, "validation")
-        self.val = eval_windows(val_tokens, self.block_size, self.cfg.eval_iters * self.cfg.batch_size)
+        # The fixed validation windows, shared out among the ranks. Every rank gets as many
+        # rows (so all run the same forward passes); padding rows have no targets.
+        windows = eval_windows(val_tokens, self.block_size, self.cfg.eval_iters * self.cfg.batch_size)
+        mine = windows[d.rank :: d.world_size]
+        rows = math.ceil(len(windows) / d.world_size)
+        w = self.to_device(np.concatenate([mine, windows[: rows - len(mine)]]))
+        self.val_x, self.val_y = w[:, :-1], w[:, 1:].clone()
+        self.val_y[len(mine):] = -1
 
     def to_device(self, windows: np.ndarray) -> torch.Tensor:
         t = torch.from_numpy(windows.astype(np.int64))
@@ -104,18 +111,8 @@ class Batches:
         return w[:, :-1], w[:, 1:]
 
     def validation(self):
-        """This rank's share of the fixed validation windows, in equal-sized batches on every rank."""
-        mine = self.val[self.d.rank :: self.d.world_size]
-        per_rank = math.ceil(len(self.val) / self.d.world_size)
-        targets_valid = np.ones(per_rank, dtype=bool)
-        if len(mine) < per_rank:  # pad with ignored rows so every rank runs the same forwards
-            targets_valid[len(mine):] = False
-            mine = np.concatenate([mine, np.repeat(self.val[:1], per_rank - len(mine), axis=0)])
-        for i in range(0, per_rank, self.cfg.batch_size):
-            w = self.to_device(mine[i : i + self.cfg.batch_size])
-            y = w[:, 1:].clone()
-            y[~torch.from_numpy(targets_valid[i : i + self.cfg.batch_size]).to(y.device)] = -1
-            yield w[:, :-1], y
+        for i in range(0, len(self.val_x), self.cfg.batch_size):
+            yield self.val_x[i : i + self.cfg.batch_size], self.val_y[i : i + self.cfg.batch_size]
 
 
 @torch.no_grad()
@@ -206,6 +203,26 @@ class StopSignal:
         self.signum = signum
 
 
+def train_step(model, train_model, optimizer, batches, step, lr, autocast, loss_sum, cfg, d) -> torch.Tensor:
+    """One optimizer step over grad_accum micro-batches. Adds the step's loss to loss_sum on the
+    device (no host synchronization) and returns the gradient norm before clipping."""
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    for micro in range(cfg.grad_accum):
+        torch.manual_seed(hash((cfg.seed, step, d.rank * cfg.grad_accum + micro)) & 0xFFFF_FFFF)  # dropout
+        x, y = batches.train(step, micro)
+        if d.enabled:  # reduce-scatter gradients only after the last micro-step
+            model.set_requires_gradient_sync(micro == cfg.grad_accum - 1)
+        with autocast:
+            loss = train_model(x, y, label_smoothing=cfg.label_smoothing) / cfg.grad_accum
+        loss.backward()
+        loss_sum += loss.detach()
+    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip or float("inf"))
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return grad_norm
+
+
 def train(run: RunConfig) -> int:
     """Train to max_steps; returns the process exit status (128 + signal number if interrupted)."""
     d = setup(run.train.device)
@@ -243,7 +260,7 @@ def _train(run: RunConfig, d: Dist, stop: StopSignal) -> int:
     if d.device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
-    parallelize(model, d, dtype if d.device.type == "cuda" else None, cfg.activation_checkpointing)
+    parallelize(model, d, dtype if dtype != torch.float32 else None, cfg.activation_checkpointing)
     optimizer = make_optimizer(model, cfg, d.device)
     if cfg.resume:
         checkpoint.load_training_state(ckpt, model, optimizer)
@@ -274,20 +291,7 @@ def _train(run: RunConfig, d: Dist, stop: StopSignal) -> int:
     step = start_step
     while step < cfg.max_steps:
         lr = lr_at(step, cfg)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        for micro in range(cfg.grad_accum):
-            torch.manual_seed(hash((cfg.seed, step, d.rank * cfg.grad_accum + micro)) & 0xFFFF_FFFF)  # dropout
-            x, y = batches.train(step, micro)
-            if d.enabled:  # reduce-scatter gradients only after the last micro-step
-                model.set_requires_gradient_sync(micro == cfg.grad_accum - 1)
-            with autocast:
-                loss = train_model(x, y, label_smoothing=cfg.label_smoothing) / cfg.grad_accum
-            loss.backward()
-            loss_sum += loss.detach()
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip or float("inf"))
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        grad_norm = train_step(model, train_model, optimizer, batches, step, lr, autocast, loss_sum, cfg, d)
         step += 1
         tokens_seen += tokens_per_step
         window_steps += 1
@@ -326,7 +330,7 @@ def _train(run: RunConfig, d: Dist, stop: StopSignal) -> int:
         if d.is_main:
             print(f"stopped at step {step}; checkpoint saved in {out}. Continue with: python train.py --out_dir {out} --resume",
                   file=sys.stderr)
-        return 128 + stop.signum
+        return 128 + (stop.signum or signal.SIGTERM)  # under torchrun another rank may have caught it
     if d.is_main:
         print(f"done: {step} steps, checkpoint in {out}")
     return 0

@@ -8,7 +8,6 @@ Prompts of different lengths are left-padded: row b's first kv_start[b] slots ar
 padding, masked out of attention, and its positions count from its first real
 token, so each row is computed exactly as if it were generated alone.
 """
-import codecs
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 

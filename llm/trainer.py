@@ -4,7 +4,6 @@ One loop serves every setup: without torchrun there is no process group and the
 distributed helpers do nothing; under torchrun the model is sharded with FSDP2.
 """
 import math
-import os
 import shutil
 import signal
 import sys

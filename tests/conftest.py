@@ -19,10 +19,9 @@ import pytest  # noqa: E402
 @pytest.fixture
 def seed() -> int:
     """A fresh random seed per test (fresh inputs every run), printed so a failure can be replayed."""
-    value = int.from_bytes(os.urandom(4), "little")
-    print(f"seed = {value}")
-    torch.manual_seed(value)
-    return value
+    from tests.helpers import fresh_seed
+
+    return fresh_seed()
 
 
 @pytest.fixture(scope="session")

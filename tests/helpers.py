@@ -1,5 +1,6 @@
 """Small builders shared by the tests."""
 import itertools
+import os
 
 import torch
 
@@ -35,3 +36,11 @@ def tiny_model(seed=0, dtype=torch.float64, **overrides) -> Transformer:
     torch.manual_seed(seed)
     return Transformer(ModelConfig(**settings)).to(dtype).eval()
 
+
+
+def fresh_seed() -> int:
+    """Seed torch with a fresh random seed, printed so that a failure can be replayed."""
+    value = int.from_bytes(os.urandom(4), "little")
+    print(f"seed = {value}")
+    torch.manual_seed(value)
+    return value

@@ -2,7 +2,6 @@
 computing the same logits and greedy tokens as transformers' LlamaForCausalLM."""
 import dataclasses
 import json
-import os
 import re
 import shutil
 import subprocess
@@ -26,18 +25,11 @@ from llm.generate import Sampling, generate
 from llm.model import Transformer
 from llm.tokenizer import EOT, Tokenizer
 from sample import main as sample_main
+from tests.helpers import fresh_seed  # module-scoped fixtures cannot use the per-test `seed`
 
 ROOT = Path(__file__).resolve().parent.parent
 TEXT = "def greet(name):\n    return f'héllo {name} 🐍 你好'\n\nclass Box:\n    pass\n" * 10
 TOLERANCE = 1e-4  # fp32 logits
-
-
-def fresh_seed() -> int:
-    """For module-scoped fixtures, which cannot use the per-test `seed` fixture."""
-    value = int.from_bytes(os.urandom(4), "little")
-    print(f"fixture seed = {value}")
-    torch.manual_seed(value)
-    return value
 
 
 @pytest.fixture(scope="module")

@@ -84,6 +84,17 @@ def _visible(offs_m, offs_n, Nq, Nk, kv_lo, CAUSAL: tl.constexpr):
 
 
 @triton.jit
+def _scores(q, kT, offs_m, offs_n, Nq, Nk, kv_lo, qk_scale, CAUSAL: tl.constexpr, MASKED: tl.constexpr,
+            DOT_PRECISION: tl.constexpr):
+    """Scaled scores q kT (base-2 units) of query rows offs_m and key rows offs_n; -inf where the
+    query may not see the key (only checked with MASKED)."""
+    qk = tl.dot(q, kT, input_precision=DOT_PRECISION) * qk_scale
+    if MASKED:
+        qk = tl.where(_visible(offs_m[:, None], offs_n[None, :], Nq, Nk, kv_lo, CAUSAL), qk, -float("inf"))
+    return qk
+
+
+@triton.jit
 def _kv_blocks(start_m, kv_lo, Nq, Nk, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                CAUSAL: tl.constexpr):
     """Key blocks seen by query rows [start_m, start_m + BLOCK_M), as block indices
@@ -176,10 +187,7 @@ def _attn_fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_kd, stri
         offs_n = block * BLOCK_N + tl.arange(0, BLOCK_N)
         kT = _load_tile(k_base, offs_n, Nk, stride_kn, stride_kd, HEAD_DIM, True, MASKED, UPCAST)
         v = _load_tile(v_base, offs_n, Nk, stride_vn, stride_vd, HEAD_DIM, False, MASKED, UPCAST)
-        qk = tl.dot(q, kT, input_precision=DOT_PRECISION) * qk_scale
-        if MASKED:
-            visible = _visible(offs_m[:, None], offs_n[None, :], Nq, Nk, kv_lo, CAUSAL)
-            qk = tl.where(visible, qk, -float("inf"))
+        qk = _scores(q, kT, offs_m, offs_n, Nq, Nk, kv_lo, qk_scale, CAUSAL, MASKED, DOT_PRECISION)
         m_new = tl.maximum(m_i, tl.max(qk, 1))
         # A row that has seen no visible key yet has m = -inf: subtract 0 instead, so that
         # exp2(-inf - m) is 0 rather than NaN.
@@ -372,10 +380,7 @@ def _attn_bwd_dq_inner(dq, q, do, lse, delta, k_base, v_base,
         offs_n = block * BLOCK_N + tl.arange(0, BLOCK_N)
         kT = _load_tile(k_base, offs_n, Nk, stride_kn, stride_kd, HEAD_DIM, True, MASKED, UPCAST)
         vT = _load_tile(v_base, offs_n, Nk, stride_vn, stride_vd, HEAD_DIM, True, MASKED, UPCAST)
-        qk = tl.dot(q, kT, input_precision=DOT_PRECISION) * qk_scale
-        if MASKED:
-            visible = _visible(offs_m[:, None], offs_n[None, :], Nq, Nk, kv_lo, CAUSAL)
-            qk = tl.where(visible, qk, -float("inf"))
+        qk = _scores(q, kT, offs_m, offs_n, Nq, Nk, kv_lo, qk_scale, CAUSAL, MASKED, DOT_PRECISION)
         p = tl.math.exp2(qk - lse[:, None])
         dp = tl.dot(do, vT, input_precision=DOT_PRECISION)
         ds = p * (dp - delta[:, None])

@@ -86,7 +86,7 @@ def generate(model, prompts: list[list[int]], max_new_tokens: int, sampling: Sam
     cache = KVCache(model.config, len(prompts), total, device, next(model.parameters()).dtype) if use_cache else None
     logits = model(ids, positions=positions, kv_start=kv_start, cache=cache, last_only=True)[:, -1]
     position = positions[:, -1:].clone()  # (B, 1), advanced in place
-    step = decode_step or model
+    step = model if decode_step is None else decode_step
     for i in range(max_new_tokens):
         token = sample(logits, sampling, generator)
         yield token

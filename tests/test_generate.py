@@ -231,3 +231,11 @@ def test_sample_bad_checkpoints(run_dir, tmp_path, capsys):
             sample_main(["--ckpt", str(path)])
         err = capsys.readouterr().err
         assert err.startswith("error: ") and err.count("\n") == 1 and message in err, err
+
+
+def test_compiled_decode_step_generates_the_same(run_dir):
+    """The --compile path (a compiled module as decode step), with dynamo's eager backend for speed."""
+    model, tokenizer = llm.load(run_dir)
+    compiled = torch.compile(model, backend="eager", dynamic=True)
+    plain = complete(model, tokenizer, ["def ", "x"], 12, Sampling(temperature=0))
+    assert complete(model, tokenizer, ["def ", "x"], 12, Sampling(temperature=0), decode_step=compiled) == plain

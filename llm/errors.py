@@ -11,12 +11,14 @@ class UserError(Exception):
 
 @contextmanager
 def exit_on_user_error():
-    """Turn a UserError into `error: <message>` on stderr and exit status 2.
-
-    Under torchrun, processes other than rank 0 say which rank they are.
+    """Turn a UserError into `error: <message>` on stderr and exit status 2, and Ctrl-C
+    into `interrupted` and exit status 130. Under torchrun, ranks other than 0 say who they are.
     """
     try:
         yield
+    except KeyboardInterrupt:
+        print("\ninterrupted", file=sys.stderr)
+        sys.exit(130)
     except UserError as e:
         message = " ".join(str(e).split())  # always one line
         rank = os.environ.get("RANK", "0")

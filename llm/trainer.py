@@ -180,17 +180,18 @@ def load_tokenizer_and_data(run: RunConfig, d: Dist, ckpt: Path | None):
 
 
 class StopSignal:
-    """While active, SIGINT/SIGTERM ask the loop to checkpoint and stop after the current step.
-
-    A second SIGINT aborts at once.
+    """Once armed (when training starts), SIGINT/SIGTERM ask the loop to checkpoint and stop
+    after the current step; a second SIGINT aborts at once. Before that, Ctrl-C simply stops.
     """
 
     SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
     def __enter__(self):
-        self.signum = None
-        self.previous = [signal.signal(s, self.handle) for s in self.SIGNALS]
+        self.signum, self.previous = None, []
         return self
+
+    def arm(self):
+        self.previous = [signal.signal(s, self.handle) for s in self.SIGNALS]
 
     def __exit__(self, *exc):
         for s, handler in zip(self.SIGNALS, self.previous):
@@ -288,6 +289,7 @@ def _train(run: RunConfig, d: Dist, stop: StopSignal) -> int:
     loss_sum = torch.zeros((), device=d.device)
     window_start, window_steps = time.perf_counter(), 0
     step = start_step
+    stop.arm()
     while step < cfg.max_steps:
         lr = lr_at(step, cfg)
         grad_norm = train_step(model, train_model, optimizer, batches, step, lr, autocast, loss_sum, cfg, d)

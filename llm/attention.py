@@ -21,11 +21,12 @@ def triton_available() -> bool:
     return importlib.util.find_spec("triton") is not None
 
 
-def resolve_backend(backend: str, device: torch.device) -> str:
-    """`auto` is our Triton kernel on CUDA when Triton is installed, else SDPA."""
+def resolve_backend(backend: str, device: torch.device, dropout_p: float = 0.0) -> str:
+    """`auto` is our Triton kernel on CUDA when Triton is installed, else SDPA (which also
+    serves attention dropout, which the kernel does not implement)."""
     if backend != "auto":
         return backend
-    return "triton" if device.type == "cuda" and triton_available() else "sdpa"
+    return "triton" if device.type == "cuda" and triton_available() and dropout_p == 0 else "sdpa"
 
 
 def causal_mask(q_len: int, kv_len: int, kv_start: torch.Tensor | None, device) -> torch.Tensor:
@@ -54,8 +55,10 @@ def naive_attention(q, k, v, mask, dropout_p=0.0):
 def attention(q, k, v, backend="sdpa", dropout_p=0.0, kv_start=None) -> torch.Tensor:
     """Causal attention of q over k, v with the chosen backend; returns (B, H, Tq, D)."""
     q_len, kv_len = q.size(2), k.size(2)
-    backend = resolve_backend(backend, q.device)
+    backend = resolve_backend(backend, q.device, dropout_p)
     if backend == "triton":
+        if dropout_p:
+            raise ValueError("the triton attention backend has no attention dropout")
         from triton_kernels import flash_attention  # imported late: importing triton fixes its mode
 
         return flash_attention(q, k, v, causal=True, kv_start=kv_start)

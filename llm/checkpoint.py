@@ -173,11 +173,15 @@ def check_weights(weights: dict, expected: dict, source: str):
                             f"the config implies {tuple(tensor.shape)}")
 
 
-def load_weights(model: Transformer, path: Path):
-    """Load model.safetensors into a model, with clear errors for corrupt or mismatched files."""
-    weights = read_safetensors(path)
-    check_weights(weights, model.state_dict(), path.name)
-    model.load_state_dict(weights)
+def build_model(config: ModelConfig, weights: dict, source: str) -> Transformer:
+    """A model holding `weights` (checked against the config), built on the meta device so no
+    memory or time goes into a random initialization that would be overwritten."""
+    with torch.device("meta"):
+        model = Transformer(config)
+    check_weights(weights, model.state_dict(), source)
+    model.load_state_dict(weights, assign=True)
+    model.init_buffers()  # the position tables, now on a real device
+    return model
 
 
 def load(path, device="cpu", dtype: torch.dtype | None = None) -> tuple[Transformer, Tokenizer]:
@@ -192,10 +196,10 @@ def load(path, device="cpu", dtype: torch.dtype | None = None) -> tuple[Transfor
         model, tokenizer = load_llama(path)
     else:
         try:
-            model = Transformer(ModelConfig.from_dict(config))
+            config = ModelConfig.from_dict(config)
         except TypeError as e:
             raise UserError(f"{path / 'config.json'} is not a model config: {e}")
-        load_weights(model, path / "model.safetensors")
+        model = build_model(config, read_safetensors(path / "model.safetensors"), "model.safetensors")
         tokenizer = Tokenizer.from_file(path / "tokenizer.json")
     if tokenizer.vocab_size > model.config.vocab_size:
         raise UserError(f"tokenizer has {tokenizer.vocab_size} tokens, the model only {model.config.vocab_size}")

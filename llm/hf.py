@@ -21,7 +21,7 @@ import torch
 from safetensors.torch import save_file
 from tokenizers import Tokenizer as HFTokenizer
 
-from llm.checkpoint import check_weights, load, read_json, read_safetensors, write_json
+from llm.checkpoint import build_model, check_weights, load, read_json, read_safetensors, write_json
 from llm.config import ModelConfig
 from llm.errors import UserError
 from llm.model import Transformer
@@ -216,14 +216,13 @@ def load_llama(path) -> tuple[Transformer, Tokenizer]:
     except Exception as e:  # tokenizers raises plain Exception on bad files
         raise UserError(f"cannot load tokenizer {path / 'tokenizer.json'}: {e}")
     tokenizer = Tokenizer(hf_tokenizer, eot=eos_token(path, raw, hf_tokenizer))
-    model = Transformer(config)
     weights, source = read_weights(path)
     if config.tie_embeddings:
         weights.pop("lm_head.weight", None)  # some tied checkpoints store the shared matrix twice
-    state = model.state_dict()
-    check_weights(weights, to_hf(state, config), source)
-    model.load_state_dict(from_hf(weights, state))
-    return model, tokenizer
+    with torch.device("meta"):
+        ours = Transformer(config).state_dict()  # names and shapes only
+    check_weights(weights, to_hf(ours, config), source)  # errors name their tensors
+    return build_model(config, from_hf(weights, ours), source), tokenizer
 
 
 # ---------------------------------------------------------------- export

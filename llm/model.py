@@ -108,14 +108,18 @@ class Transformer(nn.Module):
         self.layers = nn.ModuleList(Block(config, i) for i in range(config.n_layer))
         self.norm = make_norm(config) if config.norm_position == "pre" else nn.Identity()
         self.output = None if config.tie_embeddings else nn.Linear(config.d_model, config.vocab_size, bias=False)
-        # Fixed tables are buffers, not parameters: rebuilt from the config, never saved.
-        if config.pos_embedding == "rope":
-            cos, sin = rope_cache(config.block_size, config.head_dim, config.rope_theta)
+        self.init_buffers()
+        self.init_weights()
+
+    def init_buffers(self):
+        """The fixed position tables: buffers, not parameters, rebuilt from the config and never saved."""
+        c = self.config
+        if c.pos_embedding == "rope":
+            cos, sin = rope_cache(c.block_size, c.head_dim, c.rope_theta)
             self.register_buffer("rope_cos", cos, persistent=False)
             self.register_buffer("rope_sin", sin, persistent=False)
-        if config.pos_embedding == "sinusoidal":
-            self.register_buffer("sinusoidal", sinusoidal_table(config.block_size, config.d_model), persistent=False)
-        self.init_weights()
+        if c.pos_embedding == "sinusoidal":
+            self.register_buffer("sinusoidal", sinusoidal_table(c.block_size, c.d_model), persistent=False)
 
     def init_weights(self):
         """GPT-2 initialization: N(0, 0.02), residual output projections scaled by 1/√(2·n_layer)."""

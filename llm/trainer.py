@@ -250,9 +250,10 @@ def _train(run: RunConfig, d: Dist, stop: StopSignal) -> int:
     batches = Batches(splits.train, splits.val, run, d)
 
     torch.manual_seed(cfg.seed)
-    model = Transformer(run.model)
     if cfg.init_from:
-        checkpoint.load_weights(model, ckpt / "model.safetensors")
+        model = checkpoint.build_model(run.model, checkpoint.read_safetensors(ckpt / "model.safetensors"), "model.safetensors")
+    else:
+        model = Transformer(run.model)
     n_params = model.num_params()
     flops = flops_per_token(model)
     dtype = torch.bfloat16 if cfg.dtype == "bfloat16" or (cfg.dtype == "auto" and d.device.type == "cuda") else torch.float32

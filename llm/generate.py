@@ -212,12 +212,10 @@ def complete(model, tokenizer, prompts: list[str], max_new_tokens: int, sampling
             ids[row] = seq[: seq.index(eot)] if eot in seq else seq
     results = []
     for row, stream in enumerate(streams):
-        if per_step:
+        if per_step and not done[row]:  # ran out of tokens: release what was held back
             tail = stream.finish()
             if tail and on_text:
                 on_text(row, tail)
-            text = stream.text
-        else:
-            text = tokenizer.decode(ids[row])
+        text = stream.text if per_step else tokenizer.decode(ids[row])
         results.append({"prompt_ids": prompt_ids[row], "ids": ids[row], "text": text})
     return results

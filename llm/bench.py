@@ -6,7 +6,6 @@
         tokens/s at batch 1 and 8, prompts of 32 and 512 tokens, with and without the KV cache;
         decode latency at 50 versus 1000 tokens of context; ours against transformers' generate
 """
-import argparse
 import json
 import platform
 import statistics
@@ -19,7 +18,7 @@ import numpy as np
 import torch
 
 from llm.config import parse_args, resolve
-from llm.errors import UserError, exit_on_user_error
+from llm.errors import ArgumentParser, UserError, exit_on_user_error
 from llm.generate import Sampling, generate
 from llm.model import Transformer
 
@@ -40,7 +39,7 @@ def sync(device):
 def bench_train(argv):
     from llm.trainer import configure, train
 
-    extra = argparse.ArgumentParser(add_help=False)
+    extra = ArgumentParser(add_help=False)
     extra.add_argument("--steps", type=int, default=30)
     known, rest = extra.parse_known_args(argv)
     name, overrides = parse_args(rest, "python -m llm.bench train: training tokens/s")
@@ -134,7 +133,7 @@ def decode_latency(model, context: int, steps: int = 32, repeats: int = 5) -> fl
 
 
 def bench_sample(argv):
-    p = argparse.ArgumentParser(description="python -m llm.bench sample: generation tokens/s")
+    p = ArgumentParser(prog="python -m llm.bench sample", description="generation tokens/s")
     p.add_argument("--config", default="default", help="model shape, random weights (ignored with --ckpt)")
     p.add_argument("--ckpt", help="a run directory to load instead")
     p.add_argument("--new_tokens", type=int, default=128)

@@ -12,7 +12,7 @@ import sys
 import tomllib
 import types
 import typing
-from dataclasses import MISSING, asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 from llm.attention import BACKENDS
@@ -245,7 +245,7 @@ def argument_parser(description: str) -> argparse.ArgumentParser:
             group.add_argument(
                 f"--{f.name}", dest=f.name, default=argparse.SUPPRESS, metavar=f.name.upper(),
                 nargs="?" if is_bool else None, const="true" if is_bool else None,
-                help=f"{f.metadata['help']} (default: {f.default if f.default is not MISSING else '-'})",
+                help=f.metadata["help"] + ("" if f.default is None else f" (default: {f.default})"),
             )
     return parser
 

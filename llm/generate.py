@@ -62,7 +62,7 @@ def left_pad(prompts: list[list[int]], pad_id: int, device) -> tuple[torch.Tenso
     return ids, (torch.tensor(pads, device=device) if any(pads) else None)
 
 
-@torch.no_grad()
+@torch.inference_mode()
 def generate(model, prompts: list[list[int]], max_new_tokens: int, sampling: Sampling = Sampling(),
              generator: torch.Generator | None = None, use_cache: bool = True, pad_id: int = 0,
              decode_step: Callable | None = None) -> Iterator[torch.Tensor]:
@@ -155,7 +155,7 @@ class TextStream:
         return out
 
 
-@torch.no_grad()
+@torch.inference_mode()
 def complete(model, tokenizer, prompts: list[str], max_new_tokens: int, sampling: Sampling = Sampling(),
              seed: int | None = None, stop: tuple[str, ...] = (), on_text: Callable[[int, str], None] | None = None,
              use_cache: bool = True, truncate: bool = False, decode_step: Callable | None = None) -> list[dict]:

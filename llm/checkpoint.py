@@ -89,9 +89,11 @@ def save(run_dir: Path, step: int, model, optimizer, tokenizer: Tokenizer, run: 
 
 
 def sync_dir(path: Path):
-    """Flush a directory's files to disk before it becomes visible under its final name."""
+    """Flush a directory's files to disk (readable by all, as plain files are) before it
+    becomes visible under its final name."""
     for f in path.rglob("*"):
         if f.is_file():
+            os.chmod(f, 0o644)  # some writers (temporary files) leave 0600
             with open(f, "rb") as fh:
                 os.fsync(fh.fileno())
 

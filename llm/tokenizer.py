@@ -55,6 +55,7 @@ class Tokenizer:
         os.close(fd)
         try:
             self.hf.save(tmp)
+            os.chmod(tmp, 0o644)  # mkstemp creates 0600
             os.replace(tmp, path)
         finally:
             if os.path.exists(tmp):

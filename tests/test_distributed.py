@@ -115,3 +115,12 @@ def test_sigterm_to_torchrun_saves_a_checkpoint(corpus, cache_dir, tmp_path):
     step = json.loads((out / "checkpoint" / "trainer.json").read_text())["step"]
     assert 0 < step < 100000 and json.loads((out / "checkpoint" / "trainer.json").read_text())["world_size"] == 2
     llm.load(out)
+
+
+def test_an_error_on_a_rank_ends_the_job_with_one_line(tmp_path):
+    result = subprocess.run(TORCHRUN + ["train.py", "--config", "tiny", "--data", str(tmp_path / "missing"),
+                                        "--out_dir", str(tmp_path / "o")],
+                            cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert result.returncode != 0
+    assert f"error: no files found at {tmp_path / 'missing'}" in result.stderr
+    assert "[rank1]: Traceback" not in result.stderr  # the other rank stops cleanly too, no hang

@@ -48,6 +48,7 @@ def test_smoke_run_via_command_line(corpus, cache_dir, tmp_path):
     logits = model(torch.tensor([tokenizer.encode("def f(x):")]))
     assert logits.shape == (1, len(tokenizer.encode("def f(x):")), model.config.vocab_size)
     assert json.loads((out / "checkpoint" / "trainer.json").read_text())["step"] == 6
+    assert all(os.stat(f).st_mode & 0o044 for f in (out / "checkpoint").iterdir() if f.is_file())  # not 0600
 
 
 def test_loss_decreases(corpus, cache_dir, tmp_path):

@@ -220,7 +220,7 @@ def build(values: dict) -> RunConfig:
 
 
 def flatten(run: RunConfig) -> dict:
-    return {**run.to_dict()["model"], **run.to_dict()["train"]}
+    return {**asdict(run.model), **asdict(run.train)}
 
 
 class _Parser(ArgumentParser):

@@ -84,13 +84,6 @@ def barrier(d: Dist):
         dist.barrier(group=d.control)
 
 
-def mean_across_ranks(t: torch.Tensor, d: Dist) -> torch.Tensor:
-    if d.enabled:
-        dist.all_reduce(t, op=dist.ReduceOp.SUM)
-        t = t / d.world_size
-    return t
-
-
 def sum_across_ranks(t: torch.Tensor, d: Dist) -> torch.Tensor:
     if d.enabled:
         dist.all_reduce(t, op=dist.ReduceOp.SUM)

@@ -21,7 +21,7 @@ from tqdm import tqdm
 from llm import checkpoint
 from llm.config import FIELDS, RunConfig, TrainConfig, describe, flatten, resolve
 from llm.data import check_length, eval_windows, open_corpus, prepare_tokens, train_or_load_tokenizer, train_windows
-from llm.distributed import Dist, any_rank, barrier, mean_across_ranks, parallelize, setup, sum_across_ranks, teardown
+from llm.distributed import Dist, any_rank, barrier, parallelize, setup, sum_across_ranks, teardown
 from llm.errors import UserError
 from llm.metrics import MetricsLog, flops_per_token, peak_flops
 from llm.model import Transformer
@@ -301,7 +301,7 @@ def _train(run: RunConfig, d: Dist, stop: StopSignal) -> int:
 
         last = step == cfg.max_steps
         if step % cfg.log_interval == 0 or last:  # the only per-step host synchronization
-            loss_value = mean_across_ranks(loss_sum / window_steps, d).item()
+            loss_value = (sum_across_ranks(loss_sum / window_steps, d) / d.world_size).item()
             elapsed = time.perf_counter() - window_start
             if isinstance(grad_norm, DTensor):
                 grad_norm = grad_norm.full_tensor()

@@ -3,6 +3,7 @@
 Without CUDA, tests/conftest.py turns on Triton's interpreter, so sizes stay small. Every test
 draws a fresh seed (set FA_TEST_SEED to replay one); it is printed and named in failure messages.
 """
+import json
 import os
 import subprocess
 import sys
@@ -11,11 +12,13 @@ from pathlib import Path
 
 import pytest
 import torch
-import triton
-
-from triton_kernels import flash_attention
 
 from triton_kernels import flash as fa
+from triton_kernels import flash_attention
+from triton_kernels.reference import attention_reference as reference
+from triton_kernels.reference import poison_unused_kv, rel_err
+from triton_kernels.reference import visibility as reference_visibility
+from triton_kernels.tuning import Tile
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -27,6 +30,17 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 TOLERANCE = {torch.float32: 5e-6, torch.float16: 2e-3, torch.bfloat16: 1e-2}
 
 
+# One pinned tile on a GPU, instead of measuring every candidate for every new shape (minutes);
+# a small one, since fp32 cases use exact dots that need small tiles (flash.CANDIDATES_FP32).
+GPU_TILE = "tile=32x32x4x2"
+
+
+@pytest.fixture(autouse=True)
+def pinned_tile_on_gpu(monkeypatch):
+    if DEVICE == "cuda" and "FLASH_ATTENTION_OPTIONS" not in os.environ:
+        monkeypatch.setenv("FLASH_ATTENTION_OPTIONS", GPU_TILE)
+
+
 @pytest.fixture
 def seed():
     value = int(os.environ.get("FA_TEST_SEED", int.from_bytes(os.urandom(4), "little") >> 1))
@@ -35,36 +49,8 @@ def seed():
     return value
 
 
-def visibility(B, Nq, Nk, causal, kv_start=None):
-    """(B, Nq, Nk) bool: query i of batch row b sees key j."""
-    i = torch.arange(Nq, device=DEVICE)[:, None]
-    j = torch.arange(Nk, device=DEVICE)[None, :]
-    visible = (j <= i + (Nk - Nq)) if causal else (j >= 0) & (i >= 0)
-    visible = visible.expand(B, Nq, Nk)
-    if kv_start is not None:
-        visible = visible & (j >= kv_start[:, None, None])
-    return visible
-
-
-def reference(q, k, v, causal, sm_scale, kv_start=None):
-    """Naive float64 attention with repeated K/V, bottom-right causal mask and kv_start."""
-    q, k, v = q.double(), k.double(), v.double()
-    group = q.shape[1] // k.shape[1]
-    k = k.repeat_interleave(group, dim=1)
-    v = v.repeat_interleave(group, dim=1)
-    visible = visibility(q.shape[0], q.shape[2], k.shape[2], causal, kv_start)[:, None]
-    scores = (q @ k.transpose(-1, -2) * sm_scale).masked_fill(~visible, float("-inf"))
-    # Softmax that gives 0 (not NaN) for rows without any visible key.
-    row_max = scores.amax(-1, keepdim=True)
-    e = torch.exp(scores - torch.where(torch.isinf(row_max), 0.0, row_max))
-    total = e.sum(-1, keepdim=True)
-    return (e / torch.where(total == 0, 1.0, total)) @ v
-
-
-def rel_err(out, ref):
-    # Denominator floored at 1 so that an exactly-zero reference (dq when every query sees a
-    # single key) is checked in absolute terms instead of dividing by zero.
-    return ((out.double() - ref).norm() / ref.norm().clamp_min(1.0)).item()
+def visibility(B, Nq, Nk, causal, kv_start=None, kv_end=None):
+    return reference_visibility(B, Nq, Nk, causal, kv_start, kv_end, DEVICE)
 
 
 def randn(*shape, dtype):
@@ -76,21 +62,25 @@ def make_qkv(B, H, Hkv, Nq, Nk, D, dtype):
         randn(B, Hkv, Nk, D, dtype=dtype)
 
 
-def run_and_compare(q, k, v, seed, causal=True, sm_scale=None, kv_start=None, do=None):
+def run_and_compare(q, k, v, seed, causal=True, sm_scale=None, kv_start=None, kv_end=None,
+                    do=None, options=None, clean_kv=None, attention=flash_attention):
     """Run forward + backward for kernel and reference; assert shapes, finiteness, tolerance.
-    q, k, v may be non-leaf views: gradients are taken w.r.t. them via autograd.grad."""
+    q, k, v may be non-leaf views: gradients are taken w.r.t. them via autograd.grad.
+    clean_kv: (k, v) for the reference where the kernel's k, v hold poison in unused rows.
+    attention: flash_attention, or a compiled version of it."""
     dtype = q.dtype
     tol = TOLERANCE[dtype]
     q, k, v = (t.requires_grad_() if t.is_leaf else t for t in (q, k, v))
-    out = flash_attention(q, k, v, causal=causal, sm_scale=sm_scale, kv_start=kv_start)
+    out = attention(q, k, v, causal=causal, sm_scale=sm_scale, kv_start=kv_start,
+                    kv_end=kv_end, options=options)
     assert out.shape == q.shape and out.dtype == dtype
     if do is None:
         do = torch.randn_like(out)
     grads = torch.autograd.grad(out, (q, k, v), do)
 
-    q64, k64, v64 = (t.detach().double().requires_grad_() for t in (q, k, v))
+    q64, k64, v64 = (t.detach().double().requires_grad_() for t in (q, *(clean_kv or (k, v))))
     scale = sm_scale if sm_scale is not None else q.shape[-1] ** -0.5
-    ref = reference(q64, k64, v64, causal, scale, kv_start)
+    ref = reference(q64, k64, v64, causal, scale, kv_start, kv_end)
     ref_grads = torch.autograd.grad(ref, (q64, k64, v64), do.double())
 
     errors = {}
@@ -99,7 +89,8 @@ def run_and_compare(q, k, v, seed, causal=True, sm_scale=None, kv_start=None, do
         assert got.shape == like.shape and got.dtype == dtype, name
         assert torch.isfinite(got).all(), f"{name} has NaN/inf (seed={seed})"
         errors[name] = rel_err(got, want)
-    print(f"{dtype} relative errors: " + ", ".join(f"{n}={e:.2e}" for n, e in errors.items()))
+    print(f"{dtype} {options or ''} relative errors: "
+          + ", ".join(f"{n}={e:.2e}" for n, e in errors.items()))
     bad = {n: e for n, e in errors.items() if not e <= tol}
     assert not bad, f"relative error above {tol:g} for {dtype}: {bad} (seed={seed})"
     return out, grads
@@ -157,6 +148,81 @@ def test_kv_start(seed, causal, Nq, dtype):
     assert (dk[masked_keys] == 0).all() and (dv[masked_keys] == 0).all(), f"seed={seed}"
 
 
+@pytest.mark.parametrize("Nq, causal, Hkv, dtype, options", [
+    pytest.param(1, True, 2, torch.float32, None, id="decode-causal-gqa"),
+    pytest.param(1, False, 1, torch.bfloat16, None, id="decode-mqa-bf16"),
+    pytest.param(3, True, 2, torch.bfloat16, None, id="Nq3-causal-gqa-bf16"),
+    pytest.param(3, False, 4, torch.float32, None, id="Nq3-mha"),
+    pytest.param(3, True, 2, torch.float32, "tma,pack_gqa,fused_scale,heavy_first",
+                 id="Nq3-causal-gqa-all-options"),
+])
+def test_kv_end_static_cache(seed, Nq, causal, Hkv, dtype, options):
+    """A decode step over a whole fixed-length cache (Nk = L) with a per-row filled length:
+    row 0 full, row 1 cut inside a key block, row 2 on a block boundary (32), row 3 shorter than
+    Nq = 3 (its first query rows see nothing when causal), combined with left padding. The cache
+    beyond kv_end and before kv_start holds NaN/inf: none of it may reach any result."""
+    B, H, L, D = 4, 4, 70, 32
+    kv_start = torch.tensor([5, 0, 16, 0], device=DEVICE)
+    kv_end = torch.tensor([L, 45, 32, 2], device=DEVICE)
+    q = randn(B, H, Nq, D, dtype=dtype)
+    (k, v), clean_kv, unused = poison_unused_kv(randn(B, Hkv, L, D, dtype=dtype),
+                                                randn(B, Hkv, L, D, dtype=dtype), kv_start, kv_end)
+    empty_rows = ~visibility(B, Nq, L, causal, kv_start, kv_end).any(-1)  # (B, Nq)
+    assert empty_rows.any() == (causal and Nq == 3)
+    do = torch.randn(B, H, Nq, D, device=DEVICE)
+    do[empty_rows[:, None, :].expand(B, H, Nq)] *= 1e4  # a leak from these rows would dominate
+    do = do.to(dtype)
+
+    if options and DEVICE == "cuda":
+        options += "," + GPU_TILE
+    out, (dq, dk, dv) = run_and_compare(q, k, v, seed, causal=causal, kv_start=kv_start,
+                                        kv_end=kv_end, do=do, clean_kv=clean_kv, options=options)
+    rows = empty_rows[:, None, :].expand(B, H, Nq)
+    assert (out[rows] == 0).all() and (dq[rows] == 0).all(), f"seed={seed}"
+    assert (dk[unused] == 0).all() and (dv[unused] == 0).all(), f"seed={seed}"
+
+
+OPTION_VARIANTS = ["fused_scale", "heavy_first", "pack_gqa", "tma",
+                   "fused_scale,heavy_first,pack_gqa,tma,tile=32x16x4x1"]
+
+
+@pytest.mark.parametrize("options", OPTION_VARIANTS)
+def test_options(seed, options):
+    """Every kernel variant computes the same attention: a causal prefill with left padding
+    (GROUP = 3, so packed tiles straddle query heads) and a bf16 decode step (Nq = 2) over a
+    static cache with kv_end."""
+    if DEVICE == "cuda" and "tile=" not in options:
+        options += "," + GPU_TILE
+    B, H, Hkv, D = 2, 6, 2, 32
+    q, k, v = make_qkv(B, H, Hkv, 37, 37, D, torch.float32)
+    run_and_compare(q, k, v, seed, causal=True, kv_start=torch.tensor([0, 9], device=DEVICE),
+                    options=options)
+    q, k, v = make_qkv(B, H, Hkv, 2, 50, D, torch.bfloat16)
+    run_and_compare(q, k, v, seed, causal=True, kv_end=torch.tensor([50, 20], device=DEVICE),
+                    options=options)
+
+
+def test_options_parse(monkeypatch):
+    options = fa.Options.parse("pack_gqa+dkdv=32x128x4x2, tile=64x64x4x3")
+    assert options.pack_gqa and not options.fused_scale and not options.heavy_first
+    # A kernel's own pin wins over tile=, whatever the order.
+    assert options.tile("dkdv") == Tile(32, 128, 4, 2) and options.tile("fwd") == Tile(64, 64, 4, 3)
+    assert fa.Options.parse(str(options)) == options
+    assert fa.Options.parse("") == fa.Options() and str(fa.Options()) == "default"
+    for text, message in (("fast", "unknown flash_attention option 'fast'"),
+                          ("tile=64x64", "is not BLOCK_MxBLOCK_NxWARPSxSTAGES"),
+                          ("fwd=48x64x4x3", "blocks must be 16..256")):
+        with pytest.raises(ValueError, match=message):
+            fa.Options.parse(text)
+    # tma falls back to plain loads where TMA cannot go: a stride along D, unaligned rows.
+    assert fa._tma_usable(torch.randn(2, 2, 8, 16, device=DEVICE))
+    assert not fa._tma_usable(torch.randn(2, 2, 8, 32, device=DEVICE)[..., ::2])
+    assert not fa._tma_usable(torch.randn(2, 2, 8, 18, device=DEVICE)[..., :16])
+    monkeypatch.setenv("FLASH_ATTENTION_OPTIONS", "bogus")
+    with pytest.raises(ValueError, match="FLASH_ATTENTION_OPTIONS: unknown flash_attention"):
+        flash_attention(*_inputs())
+
+
 def test_noncontiguous_views(seed):
     """q from a strided transpose, k/v slices of a preallocated KV cache, a strided dO."""
     B, H, Hkv, D, capacity = 2, 4, 2, 32, 64
@@ -177,19 +243,115 @@ def test_noncontiguous_views(seed):
 
 
 @pytest.mark.parametrize("block_m, block_n", [(16, 32), (32, 16), (16, 16)])
-def test_other_block_shapes(seed, monkeypatch, block_m, block_n):
-    """The block-range arithmetic (diagonal, kv_start, ragged edges) with other tile shapes."""
-    config = triton.Config({"BLOCK_M": block_m, "BLOCK_N": block_n}, num_warps=4, num_stages=1)
-    for kernel in (fa._attn_fwd, fa._attn_bwd_dkdv, fa._attn_bwd_dq):
-        monkeypatch.setattr(kernel, "configs", [config])
-        monkeypatch.setattr(kernel, "cache", {})
+def test_other_block_shapes(seed, block_m, block_n):
+    """The block-range arithmetic (diagonal, kv_start, kv_end, ragged edges) with other tiles."""
+    options = f"tile={block_m}x{block_n}x4x1"
     B, H, Hkv, D = 2, 2, 1, 16
     kv_start = torch.tensor([16, 20], device=DEVICE)  # on a block boundary, and inside a block
     # Nk - Nq = 14: some query block's first row sees keys exactly up to a key-block boundary;
     # Nk - Nq = 1: some query block's last row sees exactly one key of the next key block.
     for Nq, Nk in ((37, 51), (40, 41)):
         q, k, v = make_qkv(B, H, Hkv, Nq, Nk, D, torch.float32)
-        run_and_compare(q, k, v, seed, causal=True, kv_start=kv_start)
+        run_and_compare(q, k, v, seed, causal=True, kv_start=kv_start, options=options)
+    # kv_end on a block boundary (32) and inside a block (45) of a 51-key cache.
+    q, k, v = make_qkv(B, H, Hkv, 20, 51, D, torch.float32)
+    run_and_compare(q, k, v, seed, causal=True, kv_start=kv_start,
+                    kv_end=torch.tensor([45, 32], device=DEVICE), options=options)
+
+
+@pytest.mark.parametrize("options", [None, "fused_scale,pack_gqa"])
+def test_torch_compile_fullgraph(seed, options):
+    """torch.compile(fullgraph=True) sees the kernels as custom operators: one graph, no break.
+    Forward and backward with kv_start and kv_end match the reference, and eager bit for bit
+    (the same kernels run on the same tiles)."""
+    from torch._dynamo.testing import CompileCounterWithBackend
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    backend = CompileCounterWithBackend("aot_eager")
+    compiled = torch.compile(flash_attention, fullgraph=True, backend=backend)
+    if options and DEVICE == "cuda":
+        options += "," + GPU_TILE
+    B, H, Hkv, Nq, Nk, D = 2, 4, 2, 3, 40, 16
+    kv_start = torch.tensor([0, 5], device=DEVICE)
+    kv_end = torch.tensor([Nk, 23], device=DEVICE)
+    q, k, v = make_qkv(B, H, Hkv, Nq, Nk, D, torch.float32)
+    do = torch.randn(B, H, Nq, D, device=DEVICE)
+    out, grads = run_and_compare(q, k, v, seed, kv_start=kv_start, kv_end=kv_end, do=do,
+                                 options=options, attention=compiled)
+    assert backend.frame_count == 1 and not counters["graph_break"], dict(counters["graph_break"])
+    assert "triton_kernels.flash_attention_fwd" in str(backend.graphs[0].graph)
+
+    eager = flash_attention(q, k, v, kv_start=kv_start, kv_end=kv_end, options=options)
+    eager_grads = torch.autograd.grad(eager, (q, k, v), do)
+    assert torch.equal(out, eager) and all(map(torch.equal, grads, eager_grads))
+
+
+def test_custom_ops_opcheck(seed):
+    """torch.library.opcheck: schema (no mutation, no aliasing), fake tensors (shapes, strides,
+    dtypes), autograd registration and AOT dispatch of both operators."""
+    q, k, v = make_qkv(1, 2, 1, 3, 20, 16, torch.bfloat16)
+    q, k, v = (t.requires_grad_() for t in (q, k, v))
+    kv_start = torch.tensor([2], dtype=torch.int32, device=DEVICE)
+    kv_end = torch.tensor([15], dtype=torch.int32, device=DEVICE)
+    torch.library.opcheck(fa._fwd_op, (q, k, v, True, 0.25, kv_start, kv_end, None))
+    o, lse = (t.detach() for t in fa._fwd_op(q, k, v, True, 0.25, kv_start, kv_end, None))
+    do = torch.randn_like(o)
+    options = "fused_scale" + ("," + GPU_TILE if DEVICE == "cuda" else "")  # options as text
+    torch.library.opcheck(fa._bwd_op, (do, *(t.detach() for t in (q, k, v)), o, lse, True, 0.25,
+                                       kv_start, kv_end, options))
+
+
+def test_no_measuring_during_cuda_graph_capture(tmp_path, monkeypatch):
+    """During capture only a tile chosen earlier will do (measuring synchronizes the device):
+    the tuner then measures nothing, and an unknown problem is one clear error."""
+    from triton_kernels import tuning
+
+    monkeypatch.setenv("FLASH_ATTENTION_TUNE_CACHE", str(tmp_path))
+    launched = []
+    monkeypatch.setattr(tuning, "do_bench", lambda fn, **_: fn() or 1.0)
+    tuner = tuning.Tuner("fwd", [Tile(64, 64, 4, 3)])
+    assert tuner.pick(("key",), launched.append, measure=False) is None and launched == []
+    assert tuner.pick(("key",), launched.append) == Tile(64, 64, 4, 3) and launched
+    assert tuner.pick(("key",), None, measure=False) == Tile(64, 64, 4, 3)
+    # A fresh process finds the published choice in the cache folder, without measuring.
+    assert tuning.Tuner("fwd", []).pick(("key",), None, measure=False) == Tile(64, 64, 4, 3)
+
+    monkeypatch.setattr(fa, "INTERPRETED", False)
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
+    with pytest.raises(RuntimeError, match="run the call once outside the capture first"):
+        fa._launch("fwd", None, None, 1, (), {}, fa.Options(), ("unmeasured",), torch.float16)
+
+
+@pytest.mark.skipif(DEVICE != "cuda", reason="CUDA graphs need a GPU")
+def test_cuda_graph_capture(seed, tmp_path, monkeypatch):
+    """As the compiled decode step does: a warm-up call (which measures the tiles), then a CUDA
+    graph capture that reuses them; a replay on new inputs matches eager."""
+    monkeypatch.setenv("FLASH_ATTENTION_OPTIONS", "")  # no pinned tile: go through the tuner
+    monkeypatch.setenv("FLASH_ATTENTION_TUNE_CACHE", str(tmp_path))
+    for tuner in fa._TUNERS.values():  # one candidate each: measuring stays quick
+        monkeypatch.setattr(tuner, "candidates", [Tile(32, 32, 4, 2)])
+        monkeypatch.setattr(tuner, "chosen", {})
+    B, H, Hkv, L, D = 2, 4, 2, 64, 32
+    q, k, v = make_qkv(B, H, Hkv, 1, L, D, torch.bfloat16)
+    kv_start = torch.tensor([0, 3], device=DEVICE)
+    kv_end = torch.tensor([40, 17], device=DEVICE)
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        flash_attention(q, k, v, kv_start=kv_start, kv_end=kv_end)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = flash_attention(q, k, v, kv_start=kv_start, kv_end=kv_end)
+    q.copy_(torch.randn_like(q))
+    kv_end.copy_(torch.tensor([64, 30]))
+    graph.replay()
+    assert torch.equal(out, flash_attention(q, k, v, kv_start=kv_start, kv_end=kv_end))
+    ref = reference(q, k, v, True, D ** -0.5, kv_start, kv_end)
+    assert rel_err(out, ref) <= TOLERANCE[torch.bfloat16], f"seed={seed}"
 
 
 def _inputs(q_shape=(1, 2, 8, 32), kv_shape=(1, 2, 8, 32), dtype=torch.float32):
@@ -214,13 +376,67 @@ def test_bad_inputs(make_args, message):
         flash_attention(*make_args())
 
 
-@pytest.mark.parametrize("kv_start, message", [
-    (torch.tensor([0.0]), "kv_start must be an integer tensor of shape"),
-    (torch.tensor([0, 1]), "kv_start must be an integer tensor of shape"),
+@pytest.mark.parametrize("name", ["kv_start", "kv_end"])
+@pytest.mark.parametrize("value, message", [
+    (torch.tensor([0.0]), "must be an integer tensor of shape \\(1,\\)"),
+    (torch.tensor([0, 1]), "must be an integer tensor of shape \\(1,\\)"),
+    (torch.tensor([True]), "must be an integer tensor of shape \\(1,\\)"),
+    ([3], "must be an integer tensor of shape \\(1,\\)"),
+    (torch.tensor([3], device="meta"), "is on meta, q on cpu"),
 ])
-def test_bad_kv_start(kv_start, message):
-    with pytest.raises(ValueError, match=message):
-        flash_attention(*_inputs(), kv_start=kv_start)
+def test_bad_kv_range(name, value, message):
+    with pytest.raises(ValueError, match=f"flash_attention: {name} {message}"):
+        flash_attention(*_inputs(), **{name: value})
+
+
+@pytest.mark.parametrize("sm_scale", [0.0, -1.0, float("nan"), float("inf"), "0.1"])
+def test_bad_sm_scale(sm_scale):
+    with pytest.raises(ValueError, match="sm_scale must be a positive number"):
+        flash_attention(*_inputs(), sm_scale=sm_scale)
+
+
+def test_tuner_shares_one_choice(tmp_path, monkeypatch):
+    """A measured tile is published once; another process with other (noisy) timings adopts it
+    instead of measuring; a tile that does not compile is skipped; the first writer wins."""
+    from triton.runtime.errors import OutOfResources
+
+    from triton_kernels import tuning
+
+    monkeypatch.setenv("FLASH_ATTENTION_TUNE_CACHE", str(tmp_path))
+    small, wide, huge = Tile(64, 64, 4, 3), Tile(128, 64, 8, 3), Tile(128, 128, 8, 4)
+
+    def process(times_ms):
+        """A tuner as a fresh process has it, and a fake clock that reports times_ms[tile]."""
+        launched = []
+
+        def launch(tile):
+            if tile == huge:
+                raise OutOfResources(300_000, 232_448, "shared memory")
+            launched.append(tile)
+
+        monkeypatch.setattr(tuning, "do_bench", lambda fn, **_: fn() or times_ms[launched[-1]])
+        return tuning.Tuner("fwd", [small, wide, huge]), launch, launched
+
+    key = ("torch.bfloat16", 128, True, 1, 4096, 4096)
+    first, launch, launched = process({small: 2.0, wide: 1.0})
+    assert first.pick(key, launch) == wide and set(launched) == {small, wide}
+    (published,) = tmp_path.glob("fwd-*.json")
+    record = json.loads(published.read_text())
+    assert record["tile"] == "128x64x8x3" and set(record["timings_ms"]) == {"64x64x4x3",
+                                                                            "128x64x8x3"}
+    second, launch, launched = process({small: 1.0, wide: 2.0})
+    assert second.pick(key, launch) == wide and launched == []  # read, not measured
+
+    # Two processes that measured at once: the second to publish reads the first one's choice.
+    path = tmp_path / "race.json"
+    tuning._publish(path, dict(tile="64x64x4x3"))
+    tuning._publish(path, dict(tile="128x64x8x3"))
+    assert tuning._read_choice(path) == small
+    assert sorted(f.name for f in tmp_path.iterdir()) == sorted([published.name, "race.json"])
+
+    monkeypatch.setenv("FLASH_ATTENTION_TUNE_CACHE", "off")
+    third, launch, launched = process({small: 1.0, wide: 2.0})
+    assert third.pick(key, launch) == small and len(list(tmp_path.iterdir())) == 2
 
 
 def test_cpu_without_interpreter_fails_clearly():

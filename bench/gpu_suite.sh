@@ -1,0 +1,182 @@
+#!/usr/bin/env bash
+# The GPU path in one run (issue 13): versions, kernel correctness against float64, the test suite
+# with CUDA, kernel benchmarks, training and sampling throughput. Each step runs under its own
+# timeout, all of them within one overall budget (under 8 minutes on an H100), and writes its
+# results as soon as they exist; a failed step is recorded and the next one runs.
+#
+#   bash bench/gpu_suite.sh [--dry-run] [--out DIR] [--only 0,1,3] [--budget SECONDS]
+#
+# Results go to DIR, else bench/results/<device-slug>/ (dry run: $TMPDIR/gpu-suite-dry-run): one
+# log per step, the JSON/CSV/PNG each step writes, versions.txt, commands.txt (every command as
+# run) and summary.txt. When $OUT is set (the device tool), the folder is also packed into
+# $OUT/results.tar.gz after every step, since only a few files come back from there.
+# Exit status: 0 if every step passed, 1 if any failed, timed out or was skipped for time.
+#
+# --dry-run runs the same steps on the CPU at toy sizes (Triton interpreter, --config tiny, a few
+# steps, a pytest subset), so that a script error never costs GPU time; CI runs it
+# (tests/test_gpu_suite.py). See bench/gpu/README.md for the plan and the commands assumed.
+set -u -o pipefail
+cd "$(dirname "$0")/.."
+
+usage() { sed -n '2,19p' "$0" | sed 's/^# \{0,1\}//'; }
+DRY=0 DIR="" ONLY="" BUDGET=465
+while [ $# -gt 0 ]; do
+    case "$1" in
+        --dry-run) DRY=1 ;;
+        --out) DIR="${2:?--out needs a folder}"; shift ;;
+        --only) ONLY="${2:?--only needs step numbers, e.g. 1,3}"; shift ;;
+        --budget) BUDGET="${2:?--budget needs seconds}"; shift ;;
+        -h|--help) usage; exit 0 ;;
+        *) echo "gpu_suite.sh: unknown argument $1 (see --help)" >&2; exit 2 ;;
+    esac
+    shift
+done
+PY="${PYTHON:-python3}"
+
+if [ "$DRY" = 1 ]; then
+    export TRITON_INTERPRET=1  # set before any triton import: every step runs the interpreter
+    export CUDA_VISIBLE_DEVICES=""  # toy sizes on the CPU even where a GPU exists
+    DIR="${DIR:-${TMPDIR:-/tmp}/gpu-suite-dry-run}"  # nothing of a dry run belongs in the tree
+else
+    # Wheels carried for packages the GPU machine lacks (bench/gpu/fetch_wheels.sh).
+    if ls .whl/*.whl >/dev/null 2>&1; then
+        if "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+                --target /tmp/site .whl/*.whl; then
+            export PYTHONPATH="/tmp/site${PYTHONPATH:+:$PYTHONPATH}"
+        else
+            echo "warning: installing the carried wheels failed; going on without them" >&2
+        fi
+    fi
+    # The folder name triton_kernels.bench uses for this device.
+    SLUG=$("$PY" -c 'import torch, triton_kernels.bench as b
+print(b.slug(b.device_name(torch.device("cuda"))))' 2>/dev/null || echo no-cuda)
+fi
+R="${DIR:-bench/results/${SLUG:-unknown}}"
+mkdir -p "$R" || exit 2
+R=$(cd "$R" && pwd)
+export PYTHONUNBUFFERED=1
+export FLASH_ATTENTION_TUNE_CACHE="$R/tune"  # the tiles the benchmarks chose become results too
+: > "$R/summary.txt"
+: > "$R/commands.txt"
+START=$SECONDS
+FAILED=0
+
+pack() {  # the device tool brings back only a few files from $OUT: one archive, rebuilt each step
+    [ -n "${OUT:-}" ] && [ -d "$OUT" ] && [ "$R" != "$(cd "$OUT" && pwd)" ] || return 0
+    tar -czf "$OUT/.results.tar.gz" -C "$(dirname "$R")" "$(basename "$R")" \
+        && mv "$OUT/.results.tar.gz" "$OUT/results.tar.gz" && cp "$R/summary.txt" "$OUT/summary.txt"
+}
+
+# step ID NAME TIMEOUT COMMAND...: run COMMAND under min(TIMEOUT, time left), log to $R/ID-NAME.log.
+step() {
+    local id="$1" name="$2" limit="$3"; shift 3
+    case ",$ONLY," in ",,"|*",${id%%[a-z]*},"*) ;; *) return 0 ;; esac
+    [ "$DRY" = 1 ] && [ "$limit" -lt 60 ] && limit=60  # the CPU is slower at anything
+    local left=$((BUDGET - (SECONDS - START)))
+    local log="$R/$id-$name.log" status rc t0=$SECONDS
+    echo "$id $name: $(printf '%q ' "$@")" >> "$R/commands.txt"  # quoted: copy-pasteable
+    if [ "$left" -lt 5 ]; then
+        status="SKIPPED (out of time)"; FAILED=1
+    else
+        [ "$limit" -gt "$left" ] && limit=$left
+        printf '[%4ds] step %s %s (timeout %ss)\n' $((SECONDS - START)) "$id" "$name" "$limit"
+        timeout --kill-after=10 "$limit" "$@" > "$log" 2>&1
+        rc=$?
+        case $rc in
+            0) status="ok" ;;
+            124|137) status="TIMEOUT after ${limit}s"; FAILED=1 ;;
+            *) status="FAILED (exit $rc)"; FAILED=1 ;;
+        esac
+        [ "$rc" = 0 ] || tail -n 5 "$log" | sed 's/^/    | /'
+    fi
+    printf '%-4s %-36s %-24s %4ds  %s\n' "$id" "$name" "$status" $((SECONDS - t0)) \
+        "$(basename "$log")" | tee -a "$R/summary.txt"
+    pack
+}
+
+if [ "$DRY" = 1 ]; then  # toy sizes: every command line of the real run, on the CPU
+    CHECK=(--n 32 --head_dims 16 --dtypes bf16 --cases "static cache Nq=3")
+    VARIANT_CHECK=(--n 32 --head_dims 16 --dtypes bf16 --cases "decode Nq=1")
+    TESTS=(tests/test_flash_attention.py -k "options_parse or bad_kv_range or tuner")
+    SHAPE=(--batch 1 --heads 2 --head_dim 16 --dtype fp32)
+    DECODE_SHAPE=(--batch 2 --heads 4 --kv_heads 2 --head_dim 16 --dtype fp32)
+    LENGTHS=32 LONG=64 DECODE_LENGTHS=32 MODES=fwd CAUSAL=true VARIANT_MODES=fwd
+    VARIANT_LENGTHS=32
+    FLASH=sdpa MODELS="tiny" ATTENTIONS="sdpa" STEPS=4 COMPILES="false"
+    TRAIN_ARGS=(--device cpu) DECODE_BATCH=1
+    DECODE_ARGS=(--config tiny --device cpu --dtype float32 --new_tokens 4)
+    DECODE_COMPILE=""
+else
+    CHECK=() VARIANT_CHECK=(--dtypes bf16 --head_dims 128)
+    TESTS=()
+    SHAPE=(--batch 4 --heads 16 --head_dim 128 --dtype bf16)
+    DECODE_SHAPE=(--batch 8 --heads 32 --kv_heads 8 --head_dim 128 --dtype bf16)
+    LENGTHS=1024,2048,4096,8192,16384 LONG=32768 DECODE_LENGTHS=4096,16384
+    MODES=fwd,bwd,fwdbwd CAUSAL=both VARIANT_MODES=fwd,bwd VARIANT_LENGTHS=4096,16384
+    FLASH=sdpa_flash MODELS="gpt2-small llama-small" ATTENTIONS="sdpa triton" STEPS=30
+    COMPILES="false true"
+    TRAIN_ARGS=(--dtype bfloat16) DECODE_BATCH=1,8
+    DECODE_ARGS=(--config llama-small --dtype bfloat16 --new_tokens 128)
+    DECODE_COMPILE="--compile"
+fi
+# Tiles pinned for the variant timings, so that each variant differs from the base in one thing.
+BASE="fwd=128x64x8x3+dkdv=64x128x8x2+dq=128x64x8x3"
+VARIANTS="triton:$BASE,triton:fused_scale+$BASE,triton:heavy_first+$BASE,triton:tma+$BASE"
+VARIANTS="$VARIANTS,triton:$BASE+dkdv=32x128x8x3,triton:$BASE+dkdv=64x64x8x2"
+# Pinned for correctness runs, so that nothing is autotuned there (tile=... in flash.Options):
+# a fast 16-bit tile for the kernel check, a small one for the tests, whose fp32 cases use exact
+# fp32 dots that need small tiles (bench/gpu/README.md).
+PIN="tile=64x64x8x3" TEST_PIN="tile=32x32x4x2"
+[ "$DRY" = 1 ] && PIN="tile=16x32x4x1" TEST_PIN="tile=16x32x4x1"
+
+step 0 versions 30 "$PY" bench/gpu/versions.py "$R/versions.txt"
+step 1a check_kernel 75 "$PY" bench/gpu/check_kernel.py ${CHECK[@]+"${CHECK[@]}"} \
+    --options "$PIN" --json "$R/check_kernel.json"
+step 1b check_kernel_variants 50 "$PY" bench/gpu/check_kernel.py "${VARIANT_CHECK[@]}" \
+    --options "fused_scale,$PIN;heavy_first,$PIN;pack_gqa,$PIN;tma,$PIN" \
+    --json "$R/check_kernel_variants.json"
+step 2 pytest 90 env FLASH_ATTENTION_OPTIONS="$TEST_PIN" "$PY" -m pytest -q -x \
+    -p no:cacheprovider --durations=10 --junitxml "$R/pytest.xml" ${TESTS[@]+"${TESTS[@]}"}
+step 3a bench 90 "$PY" -m triton_kernels.bench "${SHAPE[@]}" --lengths "$LENGTHS" \
+    --modes "$MODES" --causal "$CAUSAL" --impls "$FLASH,triton" --out "$R" --name attention_bench
+step 3b bench_long 20 "$PY" -m triton_kernels.bench "${SHAPE[@]}" --lengths "$LONG" --modes fwd \
+    --causal true --impls naive,triton --out "$R" --name attention_long
+step 3c bench_variants 35 "$PY" -m triton_kernels.bench "${SHAPE[@]}" \
+    --lengths "$VARIANT_LENGTHS" --causal true --modes "$VARIANT_MODES" --impls "$VARIANTS" \
+    --out "$R" --name attention_variants
+step 3d bench_decode 20 "$PY" -m triton_kernels.bench "${DECODE_SHAPE[@]}" --q_len 1 \
+    --lengths "$DECODE_LENGTHS" --modes fwd --impls sdpa,triton,triton:pack_gqa,triton:pack_gqa+tma \
+    --out "$R" --name attention_decode
+# Steps 4 and 5 call python -m llm.bench (see bench/gpu/README.md for the contract). Eager runs
+# first, then the compiled ones (each pays a compile of its own), so that if the budget runs out
+# it is the costliest figures that are missing.
+train() {  # train ID MODEL ATTENTION COMPILE TIMEOUT
+    step "$1" "train-$2-$3-compile-$4" "$5" "$PY" -m llm.bench train --config "$2" \
+        --steps "$STEPS" --peer none --attention "$3" --compile "$4" "${TRAIN_ARGS[@]}" \
+        --json "$R/train-$2-$3-compile-$4.json"
+}
+IDS=abcdefgh i=0
+for compile in $COMPILES; do
+    for model in $MODELS; do
+        for attention in $ATTENTIONS; do
+            i=$((i + 1))
+            train "4${IDS:i-1:1}" "$model" "$attention" "$compile" \
+                $([ "$compile" = true ] && echo 50 || echo 20)
+        done
+    done
+    if [ "$compile" = false ]; then
+        step 5a decode 25 "$PY" -m llm.bench decode "${DECODE_ARGS[@]}" --batch "$DECODE_BATCH" \
+            --no_hf --json "$R/decode.json"
+    fi
+done
+if [ -n "$DECODE_COMPILE" ]; then
+    step 5b decode_compiled 45 "$PY" -m llm.bench decode "${DECODE_ARGS[@]}" --batch "$DECODE_BATCH" \
+        --no_hf "$DECODE_COMPILE" --json "$R/decode-compiled.json"
+fi
+
+"$PY" bench/gpu/summarize.py "$R" | tee "$R/figures.txt"
+echo
+echo "summary ($((SECONDS - START)) s; results in $R):"
+cat "$R/summary.txt"
+pack
+exit $FAILED

@@ -1,0 +1,52 @@
+"""The float64 attention that flash_attention is checked against, written from the definition:
+naive, materialized, K/V repeated per group. Used by tests/test_flash_attention.py and by
+bench/gpu/check_kernel.py on the GPU."""
+import torch
+
+
+def visibility(B, Nq, Nk, causal, kv_start=None, kv_end=None, device=None):
+    """(B, Nq, Nk) bool: query i of batch row b sees key j iff kv_start[b] <= j < kv_end[b] and,
+    if causal, j <= i + kv_end[b] - Nq (kv_start and kv_end clamped to [0, Nk])."""
+    i = torch.arange(Nq, device=device)[None, :, None]
+    j = torch.arange(Nk, device=device)[None, None, :]
+    start = torch.zeros(B, device=device) if kv_start is None else kv_start.clamp(0, Nk)
+    end = torch.full((B,), Nk, device=device) if kv_end is None else kv_end.clamp(0, Nk)
+    start, end = start[:, None, None], end[:, None, None]
+    visible = (j >= start) & (j < end)
+    if causal:
+        visible = visible & (j <= i + end - Nq)
+    return visible
+
+
+def attention_reference(q, k, v, causal, sm_scale, kv_start=None, kv_end=None):
+    """softmax(q k^T * sm_scale + mask) v in float64; rows that see no key give 0 (not NaN)."""
+    q, k, v = q.double(), k.double(), v.double()
+    group = q.shape[1] // k.shape[1]
+    k = k.repeat_interleave(group, dim=1)
+    v = v.repeat_interleave(group, dim=1)
+    visible = visibility(q.shape[0], q.shape[2], k.shape[2], causal, kv_start, kv_end,
+                         q.device)[:, None]
+    scores = (q @ k.transpose(-1, -2) * sm_scale).masked_fill(~visible, float("-inf"))
+    row_max = scores.amax(-1, keepdim=True)
+    e = torch.exp(scores - torch.where(torch.isinf(row_max), 0.0, row_max))
+    total = e.sum(-1, keepdim=True)
+    return (e / torch.where(total == 0, 1.0, total)) @ v
+
+
+def rel_err(out, ref):
+    """||out - ref|| / max(||ref||, 1): the floor checks an exactly-zero reference (dq when every
+    query sees a single key) in absolute terms instead of dividing by zero."""
+    return ((out.double() - ref).norm() / ref.norm().clamp_min(1.0)).item()
+
+
+def poison_unused_kv(k, v, kv_start, kv_end):
+    """k, v with NaN / inf in the rows outside [kv_start, kv_end) of each batch row (as an
+    uninitialized KV cache might hold), the same with zeros there (for the reference), and the
+    (B, Hkv, Nk) mask of those rows."""
+    B, Hkv, Nk, _ = k.shape
+    j = torch.arange(Nk, device=k.device)
+    unused = ((j < kv_start[:, None]) | (j >= kv_end[:, None]))[:, None, :].expand(B, Hkv, Nk)
+    clean = k.masked_fill(unused[..., None], 0), v.masked_fill(unused[..., None], 0)
+    poisoned = k.masked_fill(unused[..., None], float("nan")), \
+        v.masked_fill(unused[..., None], float("inf"))
+    return poisoned, clean, unused

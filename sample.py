@@ -4,8 +4,10 @@
     echo "import os" | python sample.py --prompt - --temperature 0     # greedy, prompt from stdin
     python sample.py --prompt "class " --prompt "import " --num_samples 2 --stop "\\n\\n"
     python sample.py --prompt "def " --attention_png attn.png --attention_layer -1 --attention_head 0
+    python sample.py --ckpt out --compile --quantize int8             # a compiled decode step, int8 weights
 """
 import argparse
+import re
 import sys
 import time
 
@@ -13,7 +15,8 @@ import torch
 
 import llm
 from llm.errors import ArgumentParser, UserError, exit_on_user_error
-from llm.generate import Sampling, complete
+from llm.generate import CompiledStep, Sampling, check_compile_backend, complete, decode_one
+from llm.quantize import METHODS, check_method, for_decoding
 from llm.viz import check_layer_and_head, save_attention_map
 
 
@@ -35,15 +38,33 @@ def parse(argv):
                    help="auto: bfloat16 on CUDA, float32 elsewhere")
     p.add_argument("--attention", choices=["naive", "sdpa", "triton", "auto"], help="override the attention backend")
     p.add_argument("--no_cache", action="store_true", help="recompute the whole sequence every step (slow; for checking)")
-    p.add_argument("--compile", action="store_true", help="torch.compile the one-token decode step")
+    p.add_argument("--compile", nargs="?", const="inductor", metavar="BACKEND",
+                   help="torch.compile the one-token decode step, once per generation (BACKEND: a torch.compile "
+                        "backend, inductor if omitted); on CUDA it also replays as a CUDA graph")
+    p.add_argument("--quantize", metavar="METHOD",
+                   help=f"quantize the weights for decoding: {', '.join(METHODS)} "
+                        "(weight-only, one scale per output channel)")
     p.add_argument("--attention_png", help="save a heatmap of one head's attention over the first completion")
     p.add_argument("--attention_layer", type=int, default=-1)
     p.add_argument("--attention_head", type=int, default=0)
     args = p.parse_args(argv)
     if args.max_new_tokens < 0 or args.num_samples < 1:
         raise UserError("--max_new_tokens must be >= 0 and --num_samples >= 1")
-    args.stop = tuple(s.encode().decode("unicode_escape") for s in args.stop)  # allow "\n" on the command line
+    args.stop = tuple(unescape(s) for s in args.stop)
+    if args.compile:
+        check_compile_backend(args.compile)
+    if args.quantize:
+        check_method(args.quantize)
     return args
+
+
+ESCAPES = {"n": "\n", "t": "\t", "r": "\r", "\\": "\\", "0": "\0"}
+
+
+def unescape(text: str) -> str:
+    """Backslash escapes typed on a command line ("\\n\\n"), leaving every other character as it is
+    (unicode_escape would read UTF-8 text as Latin-1 and mangle it)."""
+    return re.sub(r"\\([ntr0\\])", lambda m: ESCAPES[m.group(1)], text)
 
 
 def read_prompts(args) -> list[str]:
@@ -74,13 +95,13 @@ def main(argv) -> int:
         if args.attention_png:
             check_layer_and_head(model.config, args.attention_layer, args.attention_head)
         if args.attention:
-            for block in model.layers:
-                block.attention.backend = args.attention
+            model.set_attention(args.attention)
+        for_decoding(model, args.quantize)  # the weight layout (or int8) one-token steps read fastest
         prompts = [p for p in read_prompts(args) for _ in range(args.num_samples)]
         stream = len(prompts) == 1
         if stream:
             print(prompts[0], end="", flush=True)
-        decode_step = torch.compile(model, dynamic=True) if args.compile else None
+        decode_step = CompiledStep(args.compile) if args.compile else decode_one
         start = time.perf_counter()
         try:
             results = complete(model, tokenizer, prompts, args.max_new_tokens, sampling, seed=args.seed, stop=args.stop,
@@ -88,7 +109,15 @@ def main(argv) -> int:
                                use_cache=not args.no_cache, truncate=args.truncate_prompt, decode_step=decode_step)
         except ValueError as e:
             raise UserError(f"{e} (pass --truncate_prompt to drop the prompt's left side)" if "exceeds" in str(e) else str(e))
+        except torch._dynamo.exc.TorchDynamoException as e:  # e.g. no C++ compiler for inductor on CPU
+            cause = getattr(e, "inner_exception", None) or e
+            raise UserError(f"--compile {args.compile} failed ({type(cause).__name__}: "
+                            f"{str(cause).strip().splitlines()[0][:300]}); try another backend or no --compile")
         seconds = time.perf_counter() - start
+        compiled = f"compiled ({args.compile}"
+        if args.compile and decode_step.compile_seconds is not None:  # compiling is not sampling speed
+            seconds -= decode_step.compile_seconds
+            compiled += f", {decode_step.compile_seconds:.1f} s to compile, not counted"
         if stream:
             print()
         else:
@@ -96,8 +125,10 @@ def main(argv) -> int:
                 print(prompt + result["text"])
                 print("-" * 40)
         n_tokens = sum(len(r["ids"]) for r in results)
+        how = ["no cache" if args.no_cache else "KV cache", str(device), str(dtype).removeprefix("torch.")]
+        how += [compiled + ")"] * bool(args.compile) + [args.quantize] * bool(args.quantize)
         print(f"{n_tokens} tokens in {seconds:.2f} s: {n_tokens / seconds:.1f} tokens/s "
-              f"(batch {len(prompts)}, {'no cache' if args.no_cache else 'KV cache'}, {device})", file=sys.stderr)
+              f"(batch {len(prompts)}, {', '.join(how)})", file=sys.stderr)
         if args.attention_png:
             first = results[0]
             save_attention_map(model, tokenizer, first["prompt_ids"] + first["ids"], args.attention_layer,

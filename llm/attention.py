@@ -1,11 +1,14 @@
 """Causal attention backends: `naive` (textbook), `sdpa` (PyTorch) and `triton` (ours).
 
 Every backend computes the same thing. q is (B, H, Tq, D); k and v are
-(B, Hkv, Tk, D) with Hkv dividing H (grouped-query attention). Tq <= Tk: with
-a KV cache the queries are the last Tq of the Tk positions, so the causal mask
-is bottom-right aligned (query i sees keys j <= i + Tk - Tq). `kv_start` (B,)
-optionally masks the first kv_start[b] keys of row b: the left padding of a
-batch of prompts with different lengths.
+(B, Hkv, Tk, D) with Hkv dividing H (grouped-query attention). Tq <= Tk: without
+`q_slots` the queries are the last Tq of the Tk positions, so the causal mask
+is bottom-right aligned (query i sees keys j <= i + Tk - Tq). With a static KV
+cache, k and v are the whole preallocated cache and `q_slots` (Tq,) says where the
+queries sit in it: query i sees keys j <= q_slots[i], so slots not yet written
+are masked and the shapes never change. `kv_start` (B,) optionally masks the first
+kv_start[b] keys of row b: the left padding of a batch of prompts with different
+lengths.
 """
 import functools
 import importlib.util
@@ -13,7 +16,13 @@ import importlib.util
 import torch
 import torch.nn.functional as F
 
+from llm.errors import UserError
+
 BACKENDS = ("auto", "naive", "sdpa", "triton")
+# What our kernel computes: triton_kernels.flash.SUPPORTED_HEAD_DIMS and SUPPORTED_DTYPES, repeated
+# here so that choosing a backend does not import triton (a test keeps the two equal).
+TRITON_HEAD_DIMS = (16, 32, 64, 128)
+TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
 @functools.cache
@@ -21,17 +30,49 @@ def triton_available() -> bool:
     return importlib.util.find_spec("triton") is not None
 
 
-def resolve_backend(backend: str, device: torch.device, dropout_p: float = 0.0) -> str:
-    """`auto` is our Triton kernel on CUDA when Triton is installed, else SDPA (which also
-    serves attention dropout, which the kernel does not implement)."""
+def triton_limit(head_dim: int, dtype: torch.dtype | None = None, device: torch.device | None = None,
+                 dropout_p: float = 0.0) -> str | None:
+    """Why our Triton kernel cannot run this attention, or None if it can."""
+    if head_dim not in TRITON_HEAD_DIMS:
+        return f"head dims {', '.join(map(str, TRITON_HEAD_DIMS))} only (this model's is {head_dim})"
+    if dropout_p > 0:
+        return "no attention dropout"
+    if dtype is not None and dtype not in TRITON_DTYPES:
+        return f"float16, bfloat16 and float32 only (got {dtype})"
+    if device is not None and device.type != "cuda":
+        return f"CUDA devices only (got {device.type})"
+    if not triton_available():
+        return "triton is not installed"
+    return None
+
+
+def resolve_backend(backend: str, head_dim: int, dtype: torch.dtype, device: torch.device, dropout_p: float = 0.0) -> str:
+    """`auto` is our Triton kernel where it supports the head dim, dtype and device (and there is
+    no attention dropout), else SDPA."""
     if backend != "auto":
         return backend
-    return "triton" if device.type == "cuda" and triton_available() and dropout_p == 0 else "sdpa"
+    return "triton" if triton_limit(head_dim, dtype, device, dropout_p) is None else "sdpa"
 
 
-def causal_mask(q_len: int, kv_len: int, kv_start: torch.Tensor | None, device) -> torch.Tensor:
-    """Boolean mask, True where attention is allowed: (Tq, Tk), or (B, 1, Tq, Tk) with kv_start."""
-    q_slot = torch.arange(kv_len - q_len, kv_len, device=device)[:, None]
+def check_runtime(config, backend: str, dropout: float):
+    """A backend choice that can never work for this model is a UserError when the model is built."""
+    if backend not in BACKENDS:
+        raise UserError(f"attention={backend!r} is not one of {', '.join(BACKENDS)}")
+    if not 0 <= dropout < 1:
+        raise UserError(f"dropout must be in [0, 1), got {dropout}")
+    if backend == "triton":
+        limit = triton_limit(config.head_dim, dropout_p=dropout)
+        if limit is not None:
+            raise UserError(f"attention=triton: our kernel supports {limit}; use attention=sdpa or auto")
+
+
+def causal_mask(q_len: int, kv_len: int, kv_start: torch.Tensor | None, device,
+                q_slots: torch.Tensor | None = None) -> torch.Tensor:
+    """Boolean mask, True where attention is allowed: (Tq, Tk), or (B, 1, Tq, Tk) with kv_start.
+    q_slots (Tq,): the key slot of each query (default: the last Tq slots)."""
+    if q_slots is None:
+        q_slots = torch.arange(kv_len - q_len, kv_len, device=device)
+    q_slot = q_slots[:, None]
     k_slot = torch.arange(kv_len, device=device)[None, :]
     mask = k_slot <= q_slot
     if kv_start is not None:
@@ -52,25 +93,41 @@ def naive_attention(q, k, v, mask, dropout_p=0.0):
     return F.dropout(probs, dropout_p) @ v, probs
 
 
-def attention(q, k, v, backend="sdpa", dropout_p=0.0, kv_start=None) -> torch.Tensor:
-    """Causal attention of q over k, v with the chosen backend; returns (B, H, Tq, D)."""
+def triton_attention(q, k, v, kv_start, q_slots):
+    from triton_kernels import flash_attention  # imported late: importing triton fixes its mode
+
+    # A static cache: keys up to the last query's slot exist, and the causal diagonal ends there.
+    kv_end = None if q_slots is None else (q_slots[-1:] + 1).expand(q.size(0))
+    return flash_attention(q, k, v, causal=True, kv_start=kv_start, kv_end=kv_end)
+
+
+def sdpa_attention(q, k, v, dropout_p, kv_start, q_slots):
     q_len, kv_len = q.size(2), k.size(2)
-    backend = resolve_backend(backend, q.device, dropout_p)
+    # Without padding or a static cache, full-length and single-query calls need no explicit
+    # mask, which keeps SDPA on its fused kernels.
+    plain = kv_start is None and q_slots is None and q_len in (1, kv_len)
+    mask = None if plain else causal_mask(q_len, kv_len, kv_start, q.device, q_slots)
+    B, H, _, D = q.shape
+    groups = H // k.size(1)
+    if q_len == 1 and groups > 1:
+        # One query per head (decoding): the heads sharing a KV head become that head's queries,
+        # plain multi-head attention (SDPA's GQA path is several times slower on CPU in bf16).
+        out = F.scaled_dot_product_attention(q.view(B, H // groups, groups, D), k, v, attn_mask=mask,
+                                             dropout_p=dropout_p)
+        return out.view(B, H, 1, D)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p,
+                                          is_causal=plain and q_len > 1, enable_gqa=groups > 1)
+
+
+def attention(q, k, v, backend="sdpa", dropout_p=0.0, kv_start=None, q_slots=None) -> torch.Tensor:
+    """Causal attention of q over k, v with the chosen backend; returns (B, H, Tq, D)."""
+    backend = resolve_backend(backend, q.size(-1), q.dtype, q.device, dropout_p)
     if backend == "triton":
         if dropout_p:
             raise ValueError("the triton attention backend has no attention dropout")
-        from triton_kernels import flash_attention  # imported late: importing triton fixes its mode
-
-        return flash_attention(q, k, v, causal=True, kv_start=kv_start)
+        return triton_attention(q, k, v, kv_start, q_slots)
     if backend == "naive":
-        return naive_attention(q, k, v, causal_mask(q_len, kv_len, kv_start, q.device), dropout_p)[0]
+        return naive_attention(q, k, v, causal_mask(q.size(2), k.size(2), kv_start, q.device, q_slots), dropout_p)[0]
     if backend == "sdpa":
-        # Without padding, full-length and single-query calls need no explicit mask,
-        # which keeps SDPA on its fused kernels.
-        plain = kv_start is None and q_len in (1, kv_len)
-        mask = None if plain else causal_mask(q_len, kv_len, kv_start, q.device)
-        return F.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask, dropout_p=dropout_p,
-            is_causal=plain and q_len > 1, enable_gqa=k.size(1) != q.size(1),
-        )
+        return sdpa_attention(q, k, v, dropout_p, kv_start, q_slots)
     raise ValueError(f"unknown attention backend {backend!r}; choose from {BACKENDS}")

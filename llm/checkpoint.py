@@ -1,27 +1,30 @@
 """Checkpoints: a run directory is a folder that `llm.load` and `sample.py` read.
 
     out/
-      checkpoint -> ckpt-0001000      the latest complete checkpoint (a symlink, swapped atomically)
-      config.json, model.safetensors, tokenizer.json -> checkpoint/...
       ckpt-0001000/
-        config.json                   ModelConfig
+        config.json                   ModelConfig: the architecture
         model.safetensors             consolidated fp32 weights
         tokenizer.json
-        run.json                      the resolved run settings
-        trainer.json                  step and tokens seen
+        run.json                      the run's settings (model, train, runtime) and init_from
         state/                        torch.distributed.checkpoint: model + optimizer, sharded by rank
+        trainer.json                  step, tokens seen, ...; written last: the completion marker
+      checkpoint -> ckpt-0001000      conveniences: the latest checkpoint, and its files at the top
+      config.json, model.safetensors, tokenizer.json -> checkpoint/...
       metrics.jsonl, loss.png
 
-A checkpoint is written into a temporary directory and renamed into place, then the
-`checkpoint` link is swapped with an atomic rename, so a crash at any instant
-leaves the previous checkpoint loadable. Data windows and dropout masks are
+A checkpoint is written into a temporary directory and renamed into place; older ones are
+deleted only after that. The latest checkpoint is the highest-numbered complete ckpt-*
+folder, so a crash at any instant leaves the previous checkpoint loadable, and a run
+directory copied by a tool that follows (or drops) symbolic links still resumes. Data windows and dropout masks are
 functions of (seed, step, micro-batch), so restoring the step restores the data
 position and the random state.
 """
 import json
 import os
+import re
 import shutil
 import warnings
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
@@ -60,30 +63,33 @@ def unwrapped_state_dict(model) -> dict:
     return {k: v.contiguous() for k, v in sd.items()}
 
 
-def save(run_dir: Path, step: int, model, optimizer, tokenizer: Tokenizer, run: RunConfig, d: Dist, tokens_seen: int):
-    """Write checkpoint `step` into run_dir and make it the current one (collective under torchrun)."""
+def save(run_dir: Path, step: int, model, optimizers, tokenizer: Tokenizer, run: RunConfig, d: Dist, trainer_state: dict):
+    """Write checkpoint `step` into run_dir and make it the current one (collective under torchrun).
+
+    trainer_state (step, tokens seen, ...) is written last, as trainer.json: a checkpoint folder
+    that has it, and the files before it, is complete."""
     final = run_dir / f"ckpt-{step:07d}"
     tmp = run_dir / f".tmp-ckpt-{step:07d}"
     if d.is_main:
         shutil.rmtree(tmp, ignore_errors=True)  # left by a crash
         tmp.mkdir(parents=True)
     barrier(d)
-    state = {"model": get_model_state_dict(model), "optim": get_optimizer_state_dict(model, optimizer)}
+    state = {"model": get_model_state_dict(model), "optim": get_optimizer_state_dict(model, optimizers)}
     dcp.save(state, checkpoint_id=tmp / "state")  # every rank writes its own shards
     weights = unwrapped_state_dict(model)
     if d.is_main:
         save_file(weights, tmp / "model.safetensors")
-        write_json(tmp / "config.json", run.to_dict()["model"])
-        write_json(tmp / "run.json", run.to_dict())
-        write_json(tmp / "trainer.json", {"step": step, "tokens_seen": tokens_seen, "world_size": d.world_size})
+        write_json(tmp / "config.json", asdict(run.model))
+        write_json(tmp / "run.json", {**run.to_dict(), "init_from": run.launch.init_from})
         tokenizer.save(tmp / "tokenizer.json")
+        write_json(tmp / "trainer.json", {**trainer_state, "step": step, "world_size": d.world_size})
         sync_dir(tmp)
         if final.exists():  # an earlier, superseded attempt at this step
             shutil.rmtree(final)
         os.rename(tmp, final)
         point_to(run_dir, final.name)
-        for old in run_dir.glob("ckpt-*"):
-            if old != final:
+        for old in checkpoints(run_dir):  # only now that their successor exists
+            if old != final and step_of(old) < step:
                 shutil.rmtree(old, ignore_errors=True)
     barrier(d)
 
@@ -98,25 +104,50 @@ def sync_dir(path: Path):
                 os.fsync(fh.fileno())
 
 
-def point_to(run_dir: Path, name: str):
-    link = run_dir / "checkpoint"
-    tmp = run_dir / ".checkpoint.tmp"
-    if tmp.is_symlink() or tmp.exists():
+def replace_with_link(path: Path, target: str):
+    """Make `path` a symbolic link to `target`, atomically, whatever was there (a link, or the plain
+    copy that a tool following links left)."""
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path)  # a copied checkpoint folder: its original is in a ckpt-* folder
+    tmp = path.with_name(f".{path.name}.link-tmp")
+    if os.path.lexists(tmp):
         tmp.unlink()
-    os.symlink(name, tmp)
-    os.replace(tmp, link)  # atomic: readers see the old or the new checkpoint, never neither
-    for name in LINKED:
-        if not os.path.lexists(run_dir / name):
-            os.symlink(f"checkpoint/{name}", run_dir / name)
+    os.symlink(target, tmp)
+    os.replace(tmp, path)  # readers see the old or the new target, never neither
 
 
-def current(run_dir: Path) -> Path | None:
-    link = Path(run_dir) / "checkpoint"
-    return link.resolve() if link.is_symlink() and link.exists() else None
+def point_to(run_dir: Path, name: str):
+    """The `checkpoint` link and the top-level files: conveniences, so that the run directory
+    reads like a checkpoint. Resuming and loading find the checkpoint without them."""
+    replace_with_link(run_dir / "checkpoint", name)
+    for file in LINKED:
+        replace_with_link(run_dir / file, f"checkpoint/{file}")
+
+
+CKPT_NAME = re.compile(r"ckpt-(\d+)")
+COMPLETE = ("config.json", "model.safetensors", "tokenizer.json", "run.json", "state/.metadata", "trainer.json")
+
+
+def step_of(ckpt: Path) -> int:
+    return int(CKPT_NAME.fullmatch(ckpt.name).group(1))
+
+
+def checkpoints(run_dir: Path) -> list[Path]:
+    """The run's checkpoint folders, newest first."""
+    found = [p for p in Path(run_dir).glob("ckpt-*") if CKPT_NAME.fullmatch(p.name) and p.is_dir()]
+    return sorted(found, key=step_of, reverse=True)
+
+
+def latest(run_dir: Path) -> Path | None:
+    """The highest-numbered complete checkpoint, found from the folder's contents alone, so that a
+    run directory copied, synced or unpacked without its symbolic links still resumes."""
+    return next((c for c in checkpoints(run_dir) if all((c / f).exists() for f in COMPLETE)), None)
 
 
 def holds_run(path: Path) -> bool:
-    return (path / "checkpoint").is_symlink() or (path / "run.json").exists() or any(path.glob("ckpt-*"))
+    path = Path(path)
+    return (os.path.lexists(path / "checkpoint") or (path / "run.json").exists() or bool(checkpoints(path))
+            or (path / "metrics.jsonl").exists())
 
 
 def read_json(path: Path) -> dict:
@@ -131,27 +162,28 @@ def read_json(path: Path) -> dict:
     return value
 
 
-def resume_state(run_dir: Path) -> tuple[RunConfig, dict, Path]:
-    """The run settings, trainer state and directory of the run's latest checkpoint."""
-    ckpt = current(run_dir)
+def resume_state(run_dir: Path) -> tuple[RunConfig, dict, Path] | None:
+    """The saved settings, trainer state and folder of the run's latest checkpoint, or None."""
+    ckpt = latest(run_dir)
     if ckpt is None:
-        raise UserError(f"--resume: {run_dir} holds no checkpoint")
+        return None
     try:
         run = RunConfig.from_dict(read_json(ckpt / "run.json"))
-    except (KeyError, TypeError) as e:
+    except (KeyError, TypeError, AttributeError) as e:
         raise UserError(f"{ckpt / 'run.json'} is not a run config: {e}")
     return run, read_json(ckpt / "trainer.json"), ckpt
 
 
-def load_training_state(ckpt: Path, model, optimizer):
-    """Restore model and optimizer from the sharded state, whatever world size wrote it."""
-    state = {"model": get_model_state_dict(model), "optim": get_optimizer_state_dict(model, optimizer)}
+def load_training_state(ckpt: Path, model, optimizers):
+    """Restore the model and its optimizers (one or a list) from the sharded state, whatever
+    world size wrote it."""
+    state = {"model": get_model_state_dict(model), "optim": get_optimizer_state_dict(model, optimizers)}
     try:
         dcp.load(state, checkpoint_id=ckpt / "state")
     except Exception as e:
         raise UserError(f"cannot load training state from {ckpt / 'state'}: {e}")
     set_model_state_dict(model, state["model"])
-    set_optimizer_state_dict(model, optimizer, state["optim"])
+    set_optimizer_state_dict(model, optimizers, state["optim"])
 
 
 def read_safetensors(path: Path) -> dict:
@@ -186,23 +218,42 @@ def build_model(config: ModelConfig, weights: dict, source: str) -> Transformer:
     return model
 
 
+def model_config_of(path: Path) -> ModelConfig:
+    """The architecture of a checkpoint folder, run directory or Hugging Face Llama directory."""
+    path = latest(path) or path
+    config = read_json(path / "config.json")
+    if "model_type" in config:
+        from llm.hf import model_config
+
+        return model_config(config)
+    try:
+        return ModelConfig.from_dict(config)
+    except TypeError as e:
+        raise UserError(f"{path / 'config.json'} is not a model config: {e}")
+
+
+def default_dtype(device) -> torch.dtype:
+    return torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
+
+
 def load(path, device="cpu", dtype: torch.dtype | None = None) -> tuple[Transformer, Tokenizer]:
-    """A run directory (or a Hugging Face Llama directory) -> (model in eval mode, tokenizer)."""
+    """A run directory (its latest checkpoint), a checkpoint folder, or a Hugging Face Llama
+    directory -> (model in eval mode, tokenizer).
+
+    dtype: every parameter is cast to it; default float32 on CPU, bfloat16 on CUDA, whatever
+    the files hold (Hub checkpoints are mostly bf16).
+    """
     path = Path(path)
     if not path.is_dir():
         raise UserError(f"checkpoint {path} does not exist or is not a directory")
-    config = read_json(path / "config.json")
-    if "model_type" in config:
+    path = latest(path) or path
+    if "model_type" in read_json(path / "config.json"):
         from llm.hf import load_llama
 
         model, tokenizer = load_llama(path)
     else:
-        try:
-            config = ModelConfig.from_dict(config)
-        except TypeError as e:
-            raise UserError(f"{path / 'config.json'} is not a model config: {e}")
-        model = build_model(config, read_safetensors(path / "model.safetensors"), "model.safetensors")
+        model = build_model(model_config_of(path), read_safetensors(path / "model.safetensors"), "model.safetensors")
         tokenizer = Tokenizer.from_file(path / "tokenizer.json")
     if tokenizer.vocab_size > model.config.vocab_size:
         raise UserError(f"tokenizer has {tokenizer.vocab_size} tokens, the model only {model.config.vocab_size}")
-    return model.to(device=device, dtype=dtype).eval(), tokenizer
+    return model.to(device=device, dtype=dtype or default_dtype(device)).eval(), tokenizer

@@ -19,21 +19,25 @@ from llm.attention import BACKENDS
 from llm.errors import ArgumentParser, UserError
 
 
-def option(default, help: str):
-    return field(default=default, metadata={"help": help})
+def option(default, help: str, flag: bool = False):
+    """A setting; `flag`: may be given without a value (`--resume` means `--resume=true`), as bools may."""
+    return field(default=default, metadata={"help": help, "flag": flag})
 
 
+TRAIN_CHOICES = {"optimizer": ("adamw", "muon"), "schedule": ("cosine", "wsd")}
 MODEL_CHOICES = {
     "norm": ("rmsnorm", "layernorm"),
     "norm_position": ("pre", "post"),
     "ffn": ("swiglu", "gelu"),
     "pos_embedding": ("rope", "learned", "sinusoidal"),
-    "attention": BACKENDS,
 }
+# Keys that older config.json files carried although they are not architecture.
+LEGACY_MODEL_KEYS = ("attention", "dropout")
 
 
 @dataclass
 class ModelConfig:
+    """The architecture: what the weights mean. Saved as config.json beside them."""
     vocab_size: int = option(8192, "vocabulary size (the tokenizer is trained to this size)")
     block_size: int = option(1024, "context length, in tokens")
     n_layer: int = option(12, "number of transformer blocks")
@@ -48,8 +52,6 @@ class ModelConfig:
     ffn: str = option("swiglu", "swiglu | gelu")
     pos_embedding: str = option("rope", "rope | learned | sinusoidal")
     rope_theta: float = option(10000.0, "RoPE base")
-    attention: str = option("auto", "attention backend: naive | sdpa | triton | auto (triton on CUDA, else sdpa)")
-    dropout: float = option(0.0, "dropout on embeddings, attention probabilities and residual branches")
     bias: bool = option(False, "biases in linear layers and LayerNorm")
     tie_embeddings: bool = option(True, "share the input embedding with the output projection")
 
@@ -67,18 +69,21 @@ class ModelConfig:
             if self.d_model % self.n_head:
                 raise UserError(f"d_model={self.d_model} is not divisible by n_head={self.n_head}")
             self.head_dim = self.d_model // self.n_head
+        if self.head_dim <= 0:
+            raise UserError(f"head_dim must be positive, got {self.head_dim}")
         if self.pos_embedding == "rope" and self.head_dim % 2:
             raise UserError(f"rope needs an even head_dim, got {self.head_dim}")
         if self.ffn_hidden is None:
             hidden = 4 * self.d_model if self.ffn == "gelu" else 8 * self.d_model // 3
             self.ffn_hidden = 64 * math.ceil(hidden / 64)
-        if not 0 <= self.dropout < 1:
-            raise UserError(f"dropout must be in [0, 1), got {self.dropout}")
-        if self.attention == "triton" and self.dropout > 0:
-            raise UserError("attention=triton has no attention dropout: set dropout=0 or attention=sdpa")
+        if self.ffn_hidden <= 0:
+            raise UserError(f"ffn_hidden must be positive, got {self.ffn_hidden}")
+        if not (self.norm_eps > 0 and math.isfinite(self.rope_theta) and self.rope_theta > 0):
+            raise UserError(f"norm_eps and rope_theta must be positive, got {self.norm_eps} and {self.rope_theta}")
 
     @classmethod
     def from_dict(cls, d: dict) -> "ModelConfig":
+        d = {k: v for k, v in d.items() if k not in LEGACY_MODEL_KEYS}
         unknown = sorted(set(d) - {f.name for f in fields(cls)})
         if unknown:
             raise UserError(f"unknown model config key(s): {', '.join(unknown)}")
@@ -87,38 +92,75 @@ class ModelConfig:
 
 @dataclass
 class TrainConfig:
+    """How the run trains: its data and its optimization. Resuming compares these with the saved run."""
     # data
     data: str | None = option(None, "corpus: file, directory, glob or Hub dataset (default: the stdlib's .py files)")
-    val_fraction: float = option(0.01, "fraction of documents held out for validation")
-    tokenizer: str | None = option(None, "a tokenizer.json to use instead of training one on the corpus")
+    val_fraction: float = option(0.01, "fraction held out for validation (of documents, or of tokens for few documents)")
+    tokenizer: str | None = option(None, "a tokenizer.json (or a folder holding one) to use instead of training one")
     tokenizer_train_bytes: int = option(50_000_000, "at most this much text trains the tokenizer")
-    cache_dir: str = option("~/.cache/llm", "where tokenizers and tokenized corpora are cached")
-    # run
-    out_dir: str = option("out", "run directory: checkpoints, metrics, plots")
-    resume: bool = option(False, "continue the run in out_dir: weights, optimizer, step, data position")
-    overwrite: bool = option(False, "replace a run already in out_dir")
-    init_from: str | None = option(None, "start from this run's weights with a fresh optimizer and schedule")
     seed: int = option(1337, "seeds initialization, data windows and dropout")
-    device: str = option("auto", "auto | cpu | cuda | cuda:N")
-    dtype: str = option("auto", "auto (bfloat16 on CUDA, float32 elsewhere) | float32 | bfloat16")
-    compile: bool = option(False, "torch.compile the model")
-    activation_checkpointing: bool = option(False, "recompute each block's activations in backward")
     # optimization
     batch_size: int = option(16, "sequences per process per micro-step")
     grad_accum: int = option(1, "micro-steps per optimizer step")
     max_steps: int = option(1000, "optimizer steps")
-    lr: float = option(3e-4, "peak learning rate")
+    optimizer: str = option("adamw", "adamw | muon (Muon for the 2-D weights inside the blocks, AdamW for "
+                                     "embeddings, output head, norms and biases)")
+    lr: float = option(3e-4, "peak learning rate (of AdamW)")
+    muon_lr: float = option(0.02, "peak learning rate of Muon's matrices (optimizer=muon)")
+    muon_momentum: float = option(0.95, "Muon's momentum (Nesterov)")
+    schedule: str = option("cosine", "cosine (warmup, then cosine decay to lr·min_lr_ratio at decay_steps) | "
+                                     "wsd (warmup, constant, then linear decay over the last cooldown_fraction)")
     min_lr_ratio: float = option(0.1, "final learning rate as a fraction of lr")
     warmup_steps: int = option(100, "linear warmup steps")
-    decay_steps: int | None = option(None, "length of the warmup+cosine schedule (default max_steps)")
-    weight_decay: float = option(0.1, "AdamW decoupled weight decay, on 2-D weights only")
+    decay_steps: int | None = option(None, "length of the schedule: the learning rate is final from here on (default max_steps)")
+    cooldown_fraction: float = option(0.2, "wsd: the fraction of decay_steps spent decaying")
+    weight_decay: float = option(0.1, "decoupled weight decay, on 2-D weights only")
     beta1: float = option(0.9, "AdamW beta1")
     beta2: float = option(0.95, "AdamW beta2")
     grad_clip: float = option(1.0, "clip the global gradient norm to this (0: off)")
     label_smoothing: float = option(0.0, "label smoothing of the cross-entropy")
-    # evaluation, logging, checkpoints
+    dropout: float = option(0.0, "dropout on embeddings, attention probabilities and residual branches")
+    max_bad_steps: int = option(10, "stop after this many consecutive steps with a non-finite loss or gradient")
+    # evaluation
     eval_interval: int = option(250, "evaluate every N steps (and at the end)")
     eval_iters: int = option(20, "validation batches per evaluation (always the same windows)")
+
+    def __post_init__(self):
+        for name, choices in TRAIN_CHOICES.items():
+            if getattr(self, name) not in choices:
+                raise UserError(f"{name}={getattr(self, name)!r} is not one of {', '.join(choices)}")
+        for name in ("batch_size", "grad_accum", "max_steps", "eval_interval", "eval_iters",
+                     "tokenizer_train_bytes", "max_bad_steps"):
+            if getattr(self, name) <= 0:
+                raise UserError(f"{name} must be positive, got {getattr(self, name)}")
+        for name in ("lr", "muon_lr"):
+            if not (math.isfinite(getattr(self, name)) and getattr(self, name) > 0):
+                raise UserError(f"{name} must be positive, got {getattr(self, name)}")
+        if self.warmup_steps < 0:
+            raise UserError(f"warmup_steps must be >= 0, got {self.warmup_steps}")
+        if self.decay_steps is not None and self.decay_steps < max(self.warmup_steps, 1):
+            raise UserError(f"decay_steps={self.decay_steps} must be at least warmup_steps={self.warmup_steps} (and positive)")
+        if not 0 < self.val_fraction < 1:
+            raise UserError(f"val_fraction must be in (0, 1), got {self.val_fraction}")
+        if not 0 <= self.min_lr_ratio <= 1:
+            raise UserError(f"min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
+        for name in ("label_smoothing", "dropout", "beta1", "beta2", "muon_momentum", "cooldown_fraction"):
+            if not 0 <= getattr(self, name) < 1:
+                raise UserError(f"{name} must be in [0, 1), got {getattr(self, name)}")
+        for name in ("weight_decay", "grad_clip"):
+            if not (math.isfinite(getattr(self, name)) and getattr(self, name) >= 0):
+                raise UserError(f"{name} must be >= 0, got {getattr(self, name)}")
+
+
+@dataclass
+class RuntimeConfig:
+    """How this process runs the training: free to change when a run is resumed."""
+    device: str = option("auto", "auto | cpu | cuda | cuda:N")
+    dtype: str = option("auto", "auto (bfloat16 on CUDA and on CPUs with AMX, float32 elsewhere) | float32 | bfloat16")
+    compile: bool = option(False, "torch.compile the model")
+    attention: str = option("auto", "attention backend: auto (our Triton kernel where it supports the shape, else sdpa) | naive | sdpa | triton")
+    activation_checkpointing: bool = option(False, "recompute each block's activations in backward")
+    cache_dir: str = option("~/.cache/llm", "where tokenizers and tokenized corpora are cached")
     log_interval: int = option(10, "update the progress bar and metrics.jsonl every N steps")
     ckpt_interval: int = option(1000, "checkpoint every N steps (and at the end, and on SIGINT/SIGTERM)")
     wandb: bool = option(False, "log to Weights & Biases (WANDB_MODE=offline works)")
@@ -126,38 +168,53 @@ class TrainConfig:
     wandb_run_name: str | None = option(None, "wandb run name")
 
     def __post_init__(self):
-        for name in ("batch_size", "grad_accum", "max_steps", "eval_interval", "eval_iters",
-                     "log_interval", "ckpt_interval", "tokenizer_train_bytes"):
+        for name in ("log_interval", "ckpt_interval"):
             if getattr(self, name) <= 0:
                 raise UserError(f"{name} must be positive, got {getattr(self, name)}")
-        if self.lr <= 0:
-            raise UserError(f"lr must be positive, got {self.lr}")
-        if self.warmup_steps < 0 or (self.decay_steps is not None and self.decay_steps <= 0):
-            raise UserError("warmup_steps must be >= 0 and decay_steps > 0")
-        if not 0 < self.val_fraction < 1:
-            raise UserError(f"val_fraction must be in (0, 1), got {self.val_fraction}")
-        if not 0 <= self.label_smoothing < 1 or not 0 <= self.min_lr_ratio <= 1:
-            raise UserError("label_smoothing must be in [0, 1) and min_lr_ratio in [0, 1]")
         if self.dtype not in ("auto", "float32", "bfloat16"):
             raise UserError(f"dtype={self.dtype!r} is not one of auto, float32, bfloat16")
-        if self.resume and self.init_from:
-            raise UserError("--resume continues a run; --init_from starts a new one: choose one")
+        if self.attention not in BACKENDS:
+            raise UserError(f"attention={self.attention!r} is not one of {', '.join(BACKENDS)}")
+
+
+RESUME_CHOICES = ("false", "true", "auto")
+
+
+@dataclass
+class LaunchConfig:
+    """Where the run lives and how this command starts it: never saved as a setting."""
+    out_dir: str = option("out", "run directory: checkpoints, metrics, plots")
+    resume: str = option("false", "continue the run in out_dir (--resume); auto: continue it if it has a checkpoint, "
+                                  "else start it (the same command serves the first start and every requeue)", flag=True)
+    overwrite: bool = option(False, "replace a run already in out_dir (once the new one is ready to start)")
+    init_from: str | None = option(None, "start from this run's (or Hugging Face Llama directory's) weights with a fresh optimizer")
+
+    def __post_init__(self):
+        resume = str(self.resume).lower()
+        self.resume = {"1": "true", "yes": "true", "on": "true", "0": "false", "no": "false", "off": "false"}.get(resume, resume)
+        if self.resume not in RESUME_CHOICES:
+            raise UserError(f"--resume takes true, false or auto, got {self.resume!r}")
+        if self.resume != "false" and self.overwrite:
+            raise UserError("--resume continues the run in out_dir, --overwrite replaces it: choose one")
 
 
 @dataclass
 class RunConfig:
     model: ModelConfig
     train: TrainConfig
+    runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
+    launch: LaunchConfig = field(default_factory=LaunchConfig)
 
     def to_dict(self) -> dict:
-        return {"model": asdict(self.model), "train": asdict(self.train)}
+        """The saved settings (run.json): everything but the launch options."""
+        return {"model": asdict(self.model), "train": asdict(self.train), "runtime": asdict(self.runtime)}
 
     @classmethod
     def from_dict(cls, d: dict) -> "RunConfig":
-        return cls(ModelConfig.from_dict(d["model"]), TrainConfig(**d["train"]))
+        return build({**d["model"], **d["train"], **d.get("runtime", {})}, legacy_ok=True)
 
 
-SECTIONS = {"model": ModelConfig, "train": TrainConfig}
+SECTIONS = {"model": ModelConfig, "train": TrainConfig, "runtime": RuntimeConfig, "launch": LaunchConfig}
 FIELDS = {f.name: (section, f) for section, cls in SECTIONS.items() for f in fields(cls)}
 
 
@@ -207,20 +264,22 @@ def parse_value(key: str, text: str):
         raise UserError(f"--{key} expects {kind.__name__}, got {text!r}")
 
 
-def build(values: dict) -> RunConfig:
-    """Make a RunConfig from flat field values."""
+def build(values: dict, legacy_ok: bool = False) -> RunConfig:
+    """Make a RunConfig from flat field values (legacy_ok: drop keys older runs saved and we no longer use)."""
     by_section = {name: {} for name in SECTIONS}
     for key, value in values.items():
+        if legacy_ok and key not in FIELDS:
+            continue
         check_key(key, "the settings")
         by_section[FIELDS[key][0]][key] = value
     try:
-        return RunConfig(ModelConfig(**by_section["model"]), TrainConfig(**by_section["train"]))
+        return RunConfig(*(cls(**by_section[name]) for name, cls in SECTIONS.items()))
     except TypeError as e:  # a TOML value of the wrong type
         raise UserError(f"bad config value: {e}")
 
 
 def flatten(run: RunConfig) -> dict:
-    return {**asdict(run.model), **asdict(run.train)}
+    return {key: value for section in SECTIONS for key, value in asdict(getattr(run, section)).items()}
 
 
 class _Parser(ArgumentParser):
@@ -241,7 +300,7 @@ def argument_parser(description: str) -> argparse.ArgumentParser:
     for section, cls in SECTIONS.items():
         group = parser.add_argument_group(f"{section} settings (override the config file)")
         for f in fields(cls):
-            is_bool = f.type is bool
+            is_bool = f.type is bool or f.metadata["flag"]
             group.add_argument(
                 f"--{f.name}", dest=f.name, default=argparse.SUPPRESS, metavar=f.name.upper(),
                 nargs="?" if is_bool else None, const="true" if is_bool else None,

@@ -4,9 +4,11 @@
    (local text/code files as one document per file, .jsonl/.json/.parquet rows with
    a `text` field, or a Hub dataset), by default the running interpreter's standard
    library sources.
-2. `prepare_tokens` tokenizes that stream in parallel batches into two flat token
-   files (train and validation, split by document) with `<|endoftext|>` after each
-   document, written incrementally and cached by corpus and tokenizer fingerprint.
+2. `prepare_tokens` tokenizes that stream in parallel batches into flat token files
+   (train and validation split by document, or one corpus-order stream when there are
+   few documents) with the end-of-sequence token after each document, written
+   incrementally and cached by corpus and tokenizer fingerprint; `split_tokens` gives
+   the training and validation tokens for a context length.
 3. `train_windows` draws random windows of block_size + 1 tokens from a generator
    seeded by (seed, step, micro-batch index): any run that reaches a step sees the
    same data there, whether resumed or spread over more processes.
@@ -102,6 +104,16 @@ def fingerprint_files(files: list[str]) -> str:
     return h.hexdigest()[:16]
 
 
+def looks_local(spec: str) -> bool:
+    return os.path.exists(os.path.expanduser(spec)) or glob.has_magic(spec) or spec.startswith((".", "/", "~"))
+
+
+def normalize_data_spec(spec: str) -> str:
+    """A local path as an absolute path (so a run can be continued from another directory);
+    a Hub dataset name as it is."""
+    return os.path.abspath(os.path.expanduser(spec)) if spec.strip() and looks_local(spec) else spec
+
+
 def open_corpus(spec: str | None) -> Corpus:
     """A corpus from a path, directory, glob or Hub dataset name ("owner/name[:config]")."""
     if spec is None:
@@ -110,8 +122,7 @@ def open_corpus(spec: str | None) -> Corpus:
     if not spec.strip():
         raise UserError("--data is empty")
     files = local_files(spec)
-    looks_local = os.path.exists(os.path.expanduser(spec)) or glob.has_magic(spec) or spec.startswith((".", "/", "~"))
-    if not files and looks_local:
+    if not files and looks_local(spec):
         raise UserError(f"no files found at {spec}")
     if not files:
         if spec.count("/") != 1:  # Hub names are owner/name
@@ -123,6 +134,14 @@ def open_corpus(spec: str | None) -> Corpus:
     return Corpus(spec, fingerprint_files(files), files)
 
 
+def nonempty(corpus: Corpus, docs: Iterator[str]) -> Iterator[str]:
+    """The documents, after checking (before any progress bar is drawn) that there is one."""
+    first = next(docs, None)
+    if first is None:
+        raise UserError(f"corpus {corpus.name} has no documents (all files are empty)")
+    return itertools.chain([first], docs)
+
+
 # --- tokenizer ----------------------------------------------------------------------------
 
 def train_or_load_tokenizer(corpus: Corpus, vocab_size: int, cache_dir: Path, max_bytes: int) -> Tokenizer:
@@ -131,10 +150,8 @@ def train_or_load_tokenizer(corpus: Corpus, vocab_size: int, cache_dir: Path, ma
     path = cache_dir / "tokenizers" / key / "tokenizer.json"
     if path.exists():
         return Tokenizer.from_file(path)
-    docs = tqdm(corpus.documents(max_bytes), desc="training tokenizer", unit=" docs", leave=False)
+    docs = tqdm(nonempty(corpus, corpus.documents(max_bytes)), desc="training tokenizer", unit=" docs", leave=False)
     tokenizer = Tokenizer.train(docs, vocab_size)
-    if docs.n == 0:
-        raise UserError(f"corpus {corpus.name} has no documents (all files are empty)")
     path.parent.mkdir(parents=True, exist_ok=True)
     tokenizer.save(path)
     return tokenizer
@@ -142,8 +159,12 @@ def train_or_load_tokenizer(corpus: Corpus, vocab_size: int, cache_dir: Path, ma
 
 # --- packed token files -----------------------------------------------------------------------
 
+MIN_VAL_DOCS = 10  # fewer validation documents than this, and the split is by tokens instead
+PIECE_CHARS = 1 << 20  # longer documents are encoded in pieces (in parallel, in bounded memory)
+
+
 def is_validation(doc_index: int, val_fraction: float) -> bool:
-    """Every (1/val_fraction)-th document, starting with the first, so validation is never empty."""
+    """Every (1/val_fraction)-th document, starting with the first."""
     return math.ceil((doc_index + 1) * val_fraction) > math.ceil(doc_index * val_fraction)
 
 
@@ -156,10 +177,19 @@ class TokenSplits:
     train: np.ndarray  # memory-mapped, read-only
     val: np.ndarray
     meta: dict
+    how: str  # how validation was taken, for the log
 
 
-def prepare_tokens(corpus: Corpus, tokenizer: Tokenizer, cache_dir: Path, val_fraction: float) -> TokenSplits:
-    """Tokenize the corpus into cache_dir/tokens/<key>/{train,val}.bin, unless already there."""
+def prepare_tokens(corpus: Corpus, tokenizer: Tokenizer, cache_dir: Path, val_fraction: float) -> Path:
+    """Tokenize the corpus into cache_dir/tokens/<key>/, unless already there; returns that folder.
+
+    A corpus of many documents is split by document (every 1/val_fraction-th one to validation:
+    train.bin, val.bin). One with fewer than MIN_VAL_DOCS / val_fraction documents (one text file,
+    a few books) is kept whole in corpus order (tokens.bin) and split by tokens when loaded.
+    """
+    if tokenizer.eot_id is None:
+        raise UserError("the tokenizer has no end-of-sequence token to separate documents with "
+                        "(name one in a tokenizer_config.json beside its tokenizer.json)")
     key = hashlib.sha256(f"{corpus.fingerprint}:{tokenizer.fingerprint()}:{val_fraction}".encode()).hexdigest()[:16]
     final = cache_dir / "tokens" / key
     if not (final / "meta.json").exists():
@@ -175,42 +205,100 @@ def prepare_tokens(corpus: Corpus, tokenizer: Tokenizer, cache_dir: Path, val_fr
                 pass
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
-    return load_tokens(final)
+    return final
+
+
+def pieces(docs: Iterator[str]) -> Iterator[tuple[str, bool]]:
+    """(text, ends a document): long documents cut after a newline between two non-space
+    characters, where byte-level pre-tokenizers would split anyway."""
+    for doc in docs:
+        while len(doc) > PIECE_CHARS:
+            cut = doc.rfind("\n", PIECE_CHARS // 2, PIECE_CHARS)
+            while cut > 0 and (doc[cut - 1].isspace() or doc[cut + 1 : cut + 2].isspace()):
+                cut = doc.rfind("\n", PIECE_CHARS // 2, cut)
+            cut = cut + 1 if cut > 0 else PIECE_CHARS
+            yield doc[:cut], False
+            doc = doc[cut:]
+        yield doc, True
+
+
+class TokenWriter:
+    """Appends each document's tokens and a separator, first to tokens.bin in corpus order; once
+    there are enough documents for a split by document, to train.bin and val.bin instead."""
+
+    def __init__(self, out: Path, tokenizer: Tokenizer, val_fraction: float):
+        self.out, self.val_fraction = out, val_fraction
+        self.dtype = token_dtype(tokenizer.vocab_size)
+        self.eot = np.array([tokenizer.eot_id], dtype=self.dtype).tobytes()
+        self.doc_lengths = []  # of the documents in tokens.bin
+        self.docs = 0
+        self.stream = open(out / "tokens.bin", "wb")
+        self.splits = None  # {"train": file, "val": file} once splitting by document
+        self.counts = {"train": [0, 0], "val": [0, 0]}  # tokens, documents
+
+    def add(self, ids: list[int], ends_doc: bool):
+        data = np.asarray(ids, dtype=self.dtype).tobytes() + (self.eot if ends_doc else b"")
+        n = len(ids) + ends_doc
+        if self.splits is None:
+            self.stream.write(data)
+            if not self.doc_lengths or self.doc_lengths[-1][1]:
+                self.doc_lengths.append([0, False])
+            self.doc_lengths[-1][0] += n
+            self.doc_lengths[-1][1] = ends_doc
+        else:
+            split = "val" if is_validation(self.docs, self.val_fraction) else "train"
+            self.splits[split].write(data)
+            self.counts[split][0] += n
+            self.counts[split][1] += ends_doc
+        self.docs += ends_doc
+        if self.splits is None and self.docs >= math.ceil(MIN_VAL_DOCS / self.val_fraction):
+            self._split_by_document()
+
+    def _split_by_document(self):
+        """Enough documents: move the ones so far from tokens.bin into train.bin and val.bin."""
+        self.stream.close()
+        self.splits = {name: open(self.out / f"{name}.bin", "wb") for name in ("train", "val")}
+        stream = read_tokens(self.out / "tokens.bin", self.dtype)
+        start = 0
+        for doc, (length, _) in enumerate(self.doc_lengths):
+            split = "val" if is_validation(doc, self.val_fraction) else "train"
+            self.splits[split].write(stream[start : start + length].tobytes())
+            self.counts[split][0] += length
+            self.counts[split][1] += 1
+            start += length
+        os.unlink(self.out / "tokens.bin")
+
+    def close(self) -> dict:
+        if self.splits is None:
+            self.stream.close()
+            total = sum(length for length, _ in self.doc_lengths)
+            return {"split": "tokens", "tokens": total, "documents": self.docs}
+        for f in self.splits.values():
+            f.close()
+        return {"split": "documents", **{f"{split}_tokens": n for split, (n, _) in self.counts.items()},
+                **{f"{split}_documents": d for split, (_, d) in self.counts.items()}}
 
 
 def write_tokens(corpus: Corpus, tokenizer: Tokenizer, out: Path, val_fraction: float) -> dict:
-    dtype = token_dtype(tokenizer.vocab_size)
-    counts = {"train": [0, 0], "val": [0, 0]}  # tokens, documents
-    eot = np.array([tokenizer.eot_id], dtype=dtype)
-    with open(out / "train.bin", "wb") as train_f, open(out / "val.bin", "wb") as val_f:
-        files = {"train": train_f, "val": val_f}
-        bar = tqdm(desc="tokenizing", unit=" docs", leave=False)
-        doc_index = 0
-        for batch in batched_by_bytes(corpus.documents(), BATCH_BYTES):
-            for ids in tokenizer.encode_batch(batch):
-                split = "val" if is_validation(doc_index, val_fraction) else "train"
-                files[split].write(np.asarray(ids, dtype=dtype).tobytes() + eot.tobytes())
-                counts[split][0] += len(ids) + 1
-                counts[split][1] += 1
-                doc_index += 1
-            bar.update(len(batch))
-        bar.close()
-    if doc_index == 0:
-        raise UserError(f"corpus {corpus.name} has no documents (all files are empty)")
-    return {
-        "dtype": np.dtype(dtype).name,
-        "vocab_size": tokenizer.vocab_size,
-        "tokenizer": tokenizer.fingerprint(),
-        **{f"{split}_tokens": n for split, (n, _) in counts.items()},
-        **{f"{split}_documents": d for split, (_, d) in counts.items()},
-    }
+    writer = TokenWriter(out, tokenizer, val_fraction)
+    docs = nonempty(corpus, corpus.documents())
+    bar = tqdm(desc="tokenizing", unit=" docs", leave=False)
+    for batch in batched_by_bytes(pieces(docs), BATCH_BYTES):
+        for ids, (_, ends_doc) in zip(tokenizer.encode_corpus([text for text, _ in batch]), batch):
+            writer.add(ids, ends_doc)
+        bar.update(sum(ends_doc for _, ends_doc in batch))
+    bar.close()
+    meta = writer.close()
+    return {**meta, "dtype": np.dtype(writer.dtype).name, "vocab_size": tokenizer.vocab_size,
+            "tokenizer": tokenizer.fingerprint(), "val_fraction": val_fraction}
 
 
-def batched_by_bytes(docs: Iterator[str], max_bytes: int) -> Iterator[list[str]]:
+def batched_by_bytes(items: Iterator, max_bytes: int) -> Iterator[list]:
+    """Consecutive items (texts, or tuples whose first element is the text) of about max_bytes in all."""
     batch, size = [], 0
-    for doc in docs:
-        batch.append(doc)
-        size += len(doc)
+    for item in items:
+        batch.append(item)
+        size += len(item if isinstance(item, str) else item[0])
         if size >= max_bytes:
             yield batch
             batch, size = [], 0
@@ -218,25 +306,39 @@ def batched_by_bytes(docs: Iterator[str], max_bytes: int) -> Iterator[list[str]]
         yield batch
 
 
-def load_tokens(directory: Path) -> TokenSplits:
+def read_tokens(path: Path, dtype: str) -> np.ndarray:
+    # np.memmap cannot map an empty file
+    return np.memmap(path, dtype=dtype, mode="r") if path.stat().st_size else np.zeros(0, dtype)
+
+
+def split_tokens(directory: Path, block_size: int) -> TokenSplits:
+    """The training and validation tokens of a prepared corpus, each at least one window of
+    block_size + 1 tokens long whenever the corpus holds two such windows.
+
+    By document where there are enough documents and both splits hold a window; otherwise the
+    last val_fraction of the token stream (at least one window) is validation, as nanoGPT's
+    90/10 split of one text file.
+    """
     meta = json.loads((directory / "meta.json").read_text())
-    splits = {}
-    for split in ("train", "val"):
-        n = meta[f"{split}_tokens"]
-        # np.memmap cannot map an empty file
-        splits[split] = np.memmap(directory / f"{split}.bin", dtype=meta["dtype"], mode="r") if n else np.zeros(0, meta["dtype"])
-    return TokenSplits(splits["train"], splits["val"], meta)
+    window = block_size + 1
+    if meta["split"] == "documents":
+        train, val = (read_tokens(directory / f"{split}.bin", meta["dtype"]) for split in ("train", "val"))
+        if len(train) >= window and len(val) >= window:
+            how = f"{meta['val_documents']:,} of {meta['val_documents'] + meta['train_documents']:,} documents"
+            return TokenSplits(train, val, meta, how)
+        stream = np.concatenate([train, val])  # a small corpus (its validation documents hold no window)
+    else:
+        stream = read_tokens(directory / "tokens.bin", meta["dtype"])
+    n_val = max(math.ceil(meta["val_fraction"] * len(stream)), window)
+    if len(stream) - n_val < window:
+        raise UserError(f"the corpus has {len(stream):,} tokens, too few for one training and one validation window "
+                        f"of block_size+1 = {window} tokens each (at least {2 * window:,} are needed): "
+                        "use more data or a smaller block_size")
+    how = f"the last {n_val:,} tokens ({n_val / len(stream):.1%} of the token stream)"
+    return TokenSplits(stream[:-n_val], stream[-n_val:], meta, how)
 
 
 # --- windows -------------------------------------------------------------------------------------
-
-def check_length(tokens: np.ndarray, block_size: int, split: str):
-    if len(tokens) < block_size + 1:
-        raise UserError(
-            f"the {split} split has {len(tokens)} tokens, fewer than block_size+1={block_size + 1}: "
-            "use more data, a smaller block_size or (for validation) a larger val_fraction"
-        )
-
 
 def train_windows(tokens: np.ndarray, block_size: int, batch_size: int, seed: int, step: int, index: int) -> np.ndarray:
     """(batch_size, block_size + 1) random windows, a pure function of (seed, step, index)."""

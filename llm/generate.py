@@ -1,19 +1,27 @@
 """Sampling: prompts in, tokens or text out, with a static KV cache.
 
 `generate` is the token-level loop: one forward pass over the prompts (prefill),
-then one token per step reading the cache. `complete` wraps it with text: encode,
-stop at <|endoftext|> and at stop strings, stream characters as they complete.
+then one token per step (`decode_one`) reading the cache. `complete` wraps it with
+text: encode, stop at the end-of-sequence token and at stop strings, stream text as
+the tokenizer decodes it.
 
 Prompts of different lengths are left-padded: row b's first kv_start[b] slots are
 padding, masked out of attention, and its positions count from its first real
 token, so each row is computed exactly as if it were generated alone.
+
+The decode step has static shapes: the cache is preallocated for the whole generation,
+written in place at a position held in a tensor, and attention reads all of it under a
+mask. So the step compiles once (`CompiledStep`) and, on CUDA, replays as a CUDA graph.
 """
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import torch
 
+from llm.errors import UserError
 from llm.kv_cache import KVCache
+from llm.tokenizer import StreamDecoder
 
 
 @dataclass
@@ -62,15 +70,70 @@ def left_pad(prompts: list[list[int]], pad_id: int, device) -> tuple[torch.Tenso
     return ids, (torch.tensor(pads, device=device) if any(pads) else None)
 
 
+def decode_one(model, token: torch.Tensor, kv_start: torch.Tensor | None, cache: KVCache) -> torch.Tensor:
+    """One token per row, (B, 1), through the model, reading and extending the cache -> (B, vocab)
+    logits. Its inputs keep their shapes for a whole generation (the cache's position is a tensor)."""
+    return model(token, kv_start=kv_start, cache=cache, last_only=True)[:, -1]
+
+
+def check_compile_backend(backend: str):
+    import torch._dynamo
+
+    available = torch._dynamo.list_backends(exclude_tags=())
+    if backend not in available:
+        raise UserError(f"--compile {backend}: not a torch.compile backend (available: {', '.join(available)})")
+
+
+class CompiledStep:
+    """`decode_one` under torch.compile: the shapes are static, so one compilation serves a whole
+    generation (and later ones of the same sizes). On CUDA the step is also captured as a CUDA
+    graph at the second step of each generation (the first compiles and warms up, on a side
+    stream as capture requires) and replayed after that, with no per-kernel launch cost."""
+
+    def __init__(self, backend="inductor"):
+        self.step = torch.compile(decode_one, backend=backend, fullgraph=True, dynamic=False)
+        self.inputs = None  # the generation the graph belongs to: (model, kv_start, cache)
+        self.graph = None
+        self.compile_seconds = None  # how long the first call took (it compiles)
+
+    def __call__(self, model, token, kv_start, cache):
+        if self.compile_seconds is None:
+            start = time.perf_counter()
+            logits = self._call(model, token, kv_start, cache)
+            self.compile_seconds = time.perf_counter() - start
+            return logits
+        return self._call(model, token, kv_start, cache)
+
+    def _call(self, model, token, kv_start, cache):
+        if token.device.type != "cuda":
+            return self.step(model, token, kv_start, cache)
+        inputs = (model, kv_start, cache)
+        if self.inputs is None or any(a is not b for a, b in zip(inputs, self.inputs)):
+            self.inputs, self.graph = inputs, None
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                logits = self.step(model, token, kv_start, cache)
+            torch.cuda.current_stream().wait_stream(side)
+            return logits
+        if self.graph is None:  # capture records without running: the replay below runs this step
+            self.token, self.graph = token.clone(), torch.cuda.CUDAGraph()
+            with torch.cuda.graph(self.graph):
+                self.logits = self.step(model, self.token, kv_start, cache)
+        self.token.copy_(token)
+        self.graph.replay()
+        return self.logits  # overwritten by the next replay: sample from it before
+
+
 @torch.inference_mode()
 def generate(model, prompts: list[list[int]], max_new_tokens: int, sampling: Sampling = Sampling(),
              generator: torch.Generator | None = None, use_cache: bool = True, pad_id: int = 0,
-             decode_step: Callable | None = None) -> Iterator[torch.Tensor]:
+             decode_step: Callable = decode_one) -> Iterator[torch.Tensor]:
     """Yield the next token of every prompt, (B,) on the model's device, max_new_tokens times.
 
     Stopping early is the caller's choice (stop iterating). use_cache=False recomputes
     the whole sequence every step: slow, and the reference the cache must equal.
-    decode_step: a replacement for `model` in the one-token steps (e.g. a compiled model).
+    decode_step: how the one-token steps run (decode_one, or a CompiledStep).
     """
     if not prompts or any(len(p) == 0 for p in prompts):
         raise ValueError("every prompt needs at least one token")
@@ -80,39 +143,39 @@ def generate(model, prompts: list[list[int]], max_new_tokens: int, sampling: Sam
     total = width + max_new_tokens
     if total > model.config.block_size:
         raise ValueError(f"prompt ({width}) + max_new_tokens ({max_new_tokens}) exceeds the context of {model.config.block_size} tokens")
-    positions = torch.arange(width, device=device).expand(len(prompts), width)
-    if kv_start is not None:
-        positions = (positions - kv_start[:, None]).clamp(min=0)
-    cache = KVCache(model.config, len(prompts), total, device, next(model.parameters()).dtype) if use_cache else None
-    logits = model(ids, positions=positions, kv_start=kv_start, cache=cache, last_only=True)[:, -1]
-    position = positions[:, -1:].clone()  # (B, 1), advanced in place
-    step = model if decode_step is None else decode_step
+    if use_cache:
+        cache = KVCache(model.config, len(prompts), total, device, next(model.parameters()).dtype)
+        logits = model(ids, kv_start=kv_start, cache=cache, last_only=True)[:, -1]  # prefill
+    else:  # the reference: explicit positions, no cache, every step from scratch
+        positions = torch.arange(width, device=device).expand(len(prompts), width)
+        if kv_start is not None:
+            positions = (positions - kv_start[:, None]).clamp(min=0)
+        logits = model(ids, positions=positions, kv_start=kv_start, last_only=True)[:, -1]
     for i in range(max_new_tokens):
         token = sample(logits, sampling, generator)
         yield token
         if i == max_new_tokens - 1:
             return
-        position += 1
         if use_cache:
-            logits = step(token[:, None], positions=position, kv_start=kv_start, cache=cache, last_only=True)[:, -1]
+            logits = decode_step(model, token[:, None], kv_start, cache)
         else:
             ids = torch.cat([ids, token[:, None]], dim=1)
-            positions = torch.cat([positions, position], dim=1)
+            positions = torch.cat([positions, positions[:, -1:] + 1], dim=1)
             logits = model(ids, positions=positions, kv_start=kv_start, last_only=True)[:, -1]
 
 
 class TextStream:
     """Turns one row's tokens into text pieces that never split a character or reveal a stop string.
 
-    Byte-level tokens can end inside a multi-byte UTF-8 character; such tokens are held
-    until the character completes. Text that could be the start of a stop string is
-    held until it is clearly not one; a stop string ends the text where it begins.
+    The text is the tokenizer's own decoding of prompt + completion, less the prompt's
+    (StreamDecoder): pieces never end inside a character, and SentencePiece-style spaces
+    come out as a full decode has them. Text that could be the start of a stop string
+    is held until it is clearly not one; a stop string ends the text where it begins.
     """
 
-    def __init__(self, tokenizer, stop: tuple[str, ...] = ()):
-        self.tokenizer = tokenizer
+    def __init__(self, tokenizer, stop: tuple[str, ...] = (), prompt_ids: list[int] = ()):
+        self.decoder = StreamDecoder(tokenizer, prompt_ids)
         self.stop = stop
-        self.pending: list[int] = []  # tokens whose text is not yet whole characters
         self.text = ""  # the text so far; text[:emitted] has been handed out
         self.emitted = 0
         self.stopped = False
@@ -121,20 +184,13 @@ class TextStream:
         """Add a token; return the text that became safe to show."""
         if self.stopped:
             return ""
-        self.pending.append(token)
-        piece = self.tokenizer.decode(self.pending)
-        # An incomplete character decodes as U+FFFD; at most 3 more bytes (tokens) complete it.
-        if piece.endswith("\ufffd") and len(self.pending) < 4:
-            return ""
-        self.pending = []
-        self.text += piece
+        self.text += self.decoder.add(token)
         return self._release(final=False)
 
     def finish(self) -> str:
         """The sequence ended: return everything still held back."""
-        if self.pending and not self.stopped:
-            self.text += self.tokenizer.decode(self.pending)
-            self.pending = []
+        if not self.stopped:
+            self.text += self.decoder.finish()
         return self._release(final=True)
 
     def _release(self, final: bool) -> str:
@@ -155,43 +211,58 @@ class TextStream:
         return out
 
 
+def prompt_tokens(tokenizer, prompt: str) -> list[int]:
+    """A prompt's ids; an empty prompt starts from what the tokenizer adds (e.g. BOS), else its
+    end-of-sequence token, as a document boundary."""
+    ids = tokenizer.encode(prompt)
+    if ids:
+        return ids
+    if tokenizer.eot_id is None:
+        raise ValueError("an empty prompt needs a token to start from, and this tokenizer adds no BOS "
+                         "and has no end-of-sequence token: give a prompt")
+    return [tokenizer.eot_id]
+
+
 @torch.inference_mode()
 def complete(model, tokenizer, prompts: list[str], max_new_tokens: int, sampling: Sampling = Sampling(),
              seed: int | None = None, stop: tuple[str, ...] = (), on_text: Callable[[int, str], None] | None = None,
-             use_cache: bool = True, truncate: bool = False, decode_step: Callable | None = None) -> list[dict]:
+             use_cache: bool = True, truncate: bool = False, decode_step: Callable = decode_one) -> list[dict]:
     """Complete each prompt; returns per row {"prompt_ids", "ids", "text"}.
 
-    Generation of a row ends at <|endoftext|>, at a stop string (excluded from the
-    text) or after max_new_tokens. on_text(row, piece) receives text as it is made.
-    An empty prompt starts from <|endoftext|>. truncate: drop a too-long prompt's
-    left side instead of failing.
+    Generation of a row ends at the end-of-sequence token (if the tokenizer has one), at a
+    stop string (excluded from the text) or after max_new_tokens. "text" is what the
+    completion adds to the prompt when the tokenizer decodes both together;
+    on_text(row, piece) receives it as it is made. truncate: drop a too-long prompt's left
+    side instead of failing.
     """
-    device = next(model.parameters()).device
-    eot = tokenizer.eot_id
-    prompt_ids = [tokenizer.encode(p) or [eot] for p in prompts]
-    room = model.config.block_size - max_new_tokens
     if max_new_tokens < 0:
         raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
+    device = next(model.parameters()).device
+    eot = tokenizer.eot_id
+    prompt_ids = [prompt_tokens(tokenizer, p) for p in prompts]
+    room = model.config.block_size - max_new_tokens
     if truncate:
         if room < 1:
             raise ValueError(f"max_new_tokens={max_new_tokens} leaves no room for a prompt in a context of {model.config.block_size}")
         prompt_ids = [p[-room:] for p in prompt_ids]
     generator = torch.Generator(device).manual_seed(seed) if seed is not None else None
-    streams = [TextStream(tokenizer, stop) for _ in prompts]
+    streams = [TextStream(tokenizer, stop, p) for p in prompt_ids]
     ids: list[list[int]] = [[] for _ in prompts]
     done = [False] * len(prompts)
     # Host-side work each step only when text is needed now (streaming or stop strings);
-    # otherwise tokens stay on the device and end-of-text is checked every 16 steps.
+    # otherwise tokens stay on the device and end-of-sequence is checked every 16 steps.
     per_step = on_text is not None or bool(stop)
     steps = []
     finished = torch.zeros(len(prompts), dtype=torch.bool, device=device)
-    tokens = generate(model, prompt_ids, max_new_tokens, sampling, generator, use_cache, eot, decode_step) if max_new_tokens else iter(())
+    pad = eot if eot is not None else 0  # any id: padding is masked
+    tokens = generate(model, prompt_ids, max_new_tokens, sampling, generator, use_cache, pad, decode_step) if max_new_tokens else iter(())
     for i, token in enumerate(tokens):
         if not per_step:
             steps.append(token)
-            finished |= token == eot
-            if i % 16 == 15 and bool(finished.all()):
-                break
+            if eot is not None:
+                finished |= token == eot
+                if i % 16 == 15 and bool(finished.all()):
+                    break
             continue
         for row, t in enumerate(token.tolist()):
             if done[row]:
@@ -210,12 +281,14 @@ def complete(model, tokenizer, prompts: list[str], max_new_tokens: int, sampling
     if steps:
         for row, seq in enumerate(torch.stack(steps, dim=1).tolist()):
             ids[row] = seq[: seq.index(eot)] if eot in seq else seq
+            for t in ids[row]:
+                streams[row].add(t)
+            streams[row].finish()
     results = []
     for row, stream in enumerate(streams):
         if per_step and not done[row]:  # ran out of tokens: release what was held back
             tail = stream.finish()
             if tail and on_text:
                 on_text(row, tail)
-        text = stream.text if per_step else tokenizer.decode(ids[row])
-        results.append({"prompt_ids": prompt_ids[row], "ids": ids[row], "text": text})
+        results.append({"prompt_ids": prompt_ids[row], "ids": ids[row], "text": stream.text})
     return results

@@ -11,7 +11,8 @@ One table, NAMES, holds that correspondence and serves both directions.
 
 Only plain Llama is supported: no rope scaling (linear, dynamic, yarn, llama3, ...),
 SiLU only, and biases either everywhere (attention_bias and mlp_bias) or nowhere.
-Loading needs safetensors weights (one file, or shards with an index) and tokenizer.json.
+Loading needs safetensors weights (one file, or shards with an index) and tokenizer.json;
+an end-of-sequence token is optional.
 """
 import math
 import re
@@ -19,7 +20,6 @@ from pathlib import Path
 
 import torch
 from safetensors.torch import save_file
-from tokenizers import Tokenizer as HFTokenizer
 
 from llm.checkpoint import build_model, check_weights, load, read_json, read_safetensors, write_json
 from llm.config import ModelConfig
@@ -180,42 +180,17 @@ def read_weights(path: Path) -> tuple[dict, str]:
     return weights, f"the shards of {index.name}"
 
 
-def eos_token(path: Path, config: dict, tokenizer: HFTokenizer) -> str:
-    """The end-of-sequence token: config.json's eos_token_id, else generation_config.json's, else tokenizer_config.json's."""
-    sources = [("config.json", config)]
-    for name in ("generation_config.json", "tokenizer_config.json"):
-        if (path / name).exists():
-            sources.append((name, read_json(path / name)))
-    for name, values in sources:
-        eos = values.get("eos_token_id")
-        if isinstance(eos, list):
-            eos = eos[0] if eos else None
-        if isinstance(eos, int) and not isinstance(eos, bool):
-            token = tokenizer.id_to_token(eos)
-            if token is None:
-                raise UserError(f"{name}: eos_token_id {eos} is not in tokenizer.json's vocabulary")
-            return token
-        eos = values.get("eos_token")
-        if isinstance(eos, dict):  # older tokenizer_config.json: an AddedToken
-            eos = eos.get("content")
-        if isinstance(eos, str) and eos:
-            return eos
-    raise UserError(f"{path} names no end-of-sequence token (eos_token_id in config.json or generation_config.json, "
-                    "or eos_token in tokenizer_config.json)")
-
-
 def load_llama(path) -> tuple[Transformer, Tokenizer]:
-    """A Hugging Face Llama directory -> (our Transformer with its weights, fp32, and the tokenizer)."""
+    """A Hugging Face Llama directory -> (our Transformer with its weights as the files hold them, and the
+    tokenizer). llm.load casts the model to one dtype."""
     path = Path(path)
     raw = read_json(path / "config.json")
     config = model_config(raw)
     if not (path / "tokenizer.json").exists():
         raise UserError(f"{path} has no tokenizer.json (only the tokenizers-library format is supported)")
-    try:
-        hf_tokenizer = HFTokenizer.from_file(str(path / "tokenizer.json"))
-    except Exception as e:  # tokenizers raises plain Exception on bad files
-        raise UserError(f"cannot load tokenizer {path / 'tokenizer.json'}: {e}")
-    tokenizer = Tokenizer(hf_tokenizer, eot=eos_token(path, raw, hf_tokenizer))
+    # The end-of-sequence token as transformers finds it (config.json, generation_config.json,
+    # tokenizer_config.json), or None: base models without one generate to the length limit.
+    tokenizer = Tokenizer.from_file(path / "tokenizer.json")
     weights, source = read_weights(path)
     if config.tie_embeddings:
         weights.pop("lm_head.weight", None)  # some tied checkpoints store the shared matrix twice
@@ -237,7 +212,7 @@ def check_exportable(config: ModelConfig):
                         "(transformers' LlamaConfig requires it, even with an explicit head_dim)")
 
 
-def hf_config(config: ModelConfig, eot_id: int) -> dict:
+def hf_config(config: ModelConfig, eot_id: int | None) -> dict:
     return {
         "architectures": ["LlamaForCausalLM"],
         "model_type": "llama",
@@ -276,7 +251,7 @@ def export_llama(run_dir, out_dir):
     check_exportable(config)
     if not (math.isfinite(config.rope_theta) and config.rope_theta > 0):
         raise UserError(f"cannot export: rope_theta={config.rope_theta}")
-    eot = tokenizer.hf.id_to_token(tokenizer.eot_id)
+    eot = tokenizer.eos  # None for a tokenizer without one: written as null, as transformers does
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     weights = {k: v.detach().to("cpu", torch.float32).contiguous().clone()

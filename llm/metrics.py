@@ -17,11 +17,18 @@ class MetricsLog:
         if resume_step is not None and self.path.exists():
             # Steps logged after the checkpoint we resume from are about to be redone.
             kept = [line for line in self.path.read_text().splitlines() if json.loads(line)["step"] <= resume_step]
-            self.path.write_text("".join(line + "\n" for line in kept))
+            tmp = self.path.with_name(f".{self.path.name}.tmp")
+            tmp.write_text("".join(line + "\n" for line in kept))
+            os.replace(tmp, self.path)
         if wandb_settings is not None:
             import wandb
 
             self.wandb = wandb.init(**wandb_settings)
+
+    @property
+    def wandb_id(self) -> str | None:
+        """Saved with each checkpoint, so that a resumed run continues the same wandb run."""
+        return self.wandb.id if self.wandb is not None else None
 
     def log(self, record: dict):
         if not self.enabled:

@@ -10,8 +10,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from llm.attention import attention, causal_mask, naive_attention
+from llm.attention import attention, causal_mask, check_runtime, naive_attention
 from llm.config import ModelConfig
+from llm.loss import linear_cross_entropy
 from llm.rope import apply_rope, rope_cache
 
 
@@ -32,17 +33,17 @@ def sinusoidal_table(max_len: int, dim: int) -> torch.Tensor:
 
 
 class Attention(nn.Module):
-    def __init__(self, config: ModelConfig, layer_idx: int):
+    def __init__(self, config: ModelConfig, layer_idx: int, backend: str, dropout: float):
         super().__init__()
         self.layer_idx = layer_idx
         self.n_head, self.n_kv_head, self.head_dim = config.n_head, config.n_kv_head, config.head_dim
         qkv_dim = (config.n_head + 2 * config.n_kv_head) * config.head_dim
         self.wqkv = nn.Linear(config.d_model, qkv_dim, bias=config.bias)
         self.wo = nn.Linear(config.n_head * config.head_dim, config.d_model, bias=config.bias)
-        self.backend = config.attention
-        self.dropout = config.dropout
+        self.backend = backend
+        self.dropout = dropout
 
-    def forward(self, x, rope=None, cache=None, kv_start=None, attn_maps=None):
+    def forward(self, x, rope=None, cache=None, kv_start=None, attn_maps=None, slots=None):
         B, T, _ = x.shape
         q, k, v = self.wqkv(x).split(
             [self.n_head * self.head_dim, self.n_kv_head * self.head_dim, self.n_kv_head * self.head_dim], dim=-1
@@ -52,13 +53,13 @@ class Attention(nn.Module):
         v = v.view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
         if rope is not None:
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
-        if cache is not None:
-            k, v = cache.update(self.layer_idx, k, v)
+        if cache is not None:  # the whole static cache; attention masks the slots after each query's
+            k, v = cache.update(self.layer_idx, k, v, slots)
         dropout_p = self.dropout if self.training else 0.0
         if attn_maps is None:
-            y = attention(q, k, v, self.backend, dropout_p, kv_start)
+            y = attention(q, k, v, self.backend, dropout_p, kv_start, slots)
         else:  # visualization: the textbook computation, keeping the probabilities
-            y, probs = naive_attention(q, k, v, causal_mask(T, k.size(2), kv_start, x.device), dropout_p)
+            y, probs = naive_attention(q, k, v, causal_mask(T, k.size(2), kv_start, x.device, slots), dropout_p)
             attn_maps.append(probs)
         return self.wo(y.transpose(1, 2).reshape(B, T, -1))
 
@@ -81,31 +82,35 @@ class FeedForward(nn.Module):
 class Block(nn.Module):
     """Pre-norm: x + f(norm(x)). Post-norm (GPT-1, as the classic papers draw it): norm(x + f(x))."""
 
-    def __init__(self, config: ModelConfig, layer_idx: int):
+    def __init__(self, config: ModelConfig, layer_idx: int, attention: str, dropout: float):
         super().__init__()
         self.pre_norm = config.norm_position == "pre"
         self.attention_norm = make_norm(config)
-        self.attention = Attention(config, layer_idx)
+        self.attention = Attention(config, layer_idx, attention, dropout)
         self.ffn_norm = make_norm(config)
         self.feed_forward = FeedForward(config)
-        self.drop = nn.Dropout(config.dropout)
+        self.drop = nn.Dropout(dropout)
 
-    def forward(self, x, rope=None, cache=None, kv_start=None, attn_maps=None):
+    def forward(self, x, rope=None, cache=None, kv_start=None, attn_maps=None, slots=None):
         if self.pre_norm:
-            x = x + self.drop(self.attention(self.attention_norm(x), rope, cache, kv_start, attn_maps))
+            x = x + self.drop(self.attention(self.attention_norm(x), rope, cache, kv_start, attn_maps, slots))
             return x + self.drop(self.feed_forward(self.ffn_norm(x)))
-        x = self.attention_norm(x + self.drop(self.attention(x, rope, cache, kv_start, attn_maps)))
+        x = self.attention_norm(x + self.drop(self.attention(x, rope, cache, kv_start, attn_maps, slots)))
         return self.ffn_norm(x + self.drop(self.feed_forward(x)))
 
 
 class Transformer(nn.Module):
-    def __init__(self, config: ModelConfig):
+    """The architecture comes from `config` (what the weights mean); `attention` (the backend:
+    auto | naive | sdpa | triton) and `dropout` are how this instance runs, not part of it."""
+
+    def __init__(self, config: ModelConfig, attention: str = "auto", dropout: float = 0.0):
         super().__init__()
+        check_runtime(config, attention, dropout)
         self.config = config
         self.tok_embeddings = nn.Embedding(config.vocab_size, config.d_model)
         self.pos_embeddings = nn.Embedding(config.block_size, config.d_model) if config.pos_embedding == "learned" else None
-        self.drop = nn.Dropout(config.dropout)
-        self.layers = nn.ModuleList(Block(config, i) for i in range(config.n_layer))
+        self.drop = nn.Dropout(dropout)
+        self.layers = nn.ModuleList(Block(config, i, attention, dropout) for i in range(config.n_layer))
         self.norm = make_norm(config) if config.norm_position == "pre" else nn.Identity()
         self.output = None if config.tie_embeddings else nn.Linear(config.d_model, config.vocab_size, bias=False)
         self.init_buffers()
@@ -135,6 +140,12 @@ class Transformer(nn.Module):
             for residual_out in (block.attention.wo, block.feed_forward.w2):
                 nn.init.normal_(residual_out.weight, mean=0.0, std=std / math.sqrt(2 * self.config.n_layer))
 
+    def set_attention(self, backend: str):
+        """Switch the attention backend of every layer (the weights do not change)."""
+        check_runtime(self.config, backend, self.layers[0].attention.dropout if len(self.layers) else 0.0)
+        for block in self.layers:
+            block.attention.backend = backend
+
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())
 
@@ -143,18 +154,22 @@ class Transformer(nn.Module):
         """idx (B, T) token ids -> logits (B, T, vocab), or the mean cross-entropy if targets are given.
 
         targets: (B, T) next tokens; -1 is ignored.
-        positions: (T,) or (B, T) position of each token (default: after the cache's contents).
+        positions: (T,) or (B, T) position of each token (default: after the cache's contents,
+            counted from each row's first token after its kv_start padding).
         kv_start: (B,) number of left-padding slots per row, masked out of attention.
-        cache: a KVCache, filled in place; attention covers everything cached so far.
+        cache: a KVCache, written in place at its `pos` (a tensor, so that a one-token step has the
+            same shapes every time); attention reads the whole cache, masked to what is written.
         last_only: compute logits for the last position only (generation).
         attn_maps: a list to which each layer appends its attention probabilities (B, H, T, Tk).
         """
         B, T = idx.shape
-        start = cache.length if cache is not None else 0
+        if T > self.config.block_size:  # (a cache is never longer than block_size: see KVCache)
+            raise ValueError(f"sequence of {T} tokens exceeds block_size={self.config.block_size}")
+        slots = None if cache is None else cache.pos + torch.arange(T, device=idx.device)
         if positions is None:
-            positions = torch.arange(start, start + T, device=idx.device)
-        if start + T > self.config.block_size:
-            raise ValueError(f"sequence of {start + T} tokens exceeds block_size={self.config.block_size}")
+            positions = torch.arange(T, device=idx.device) if slots is None else slots
+            if kv_start is not None:
+                positions = (positions - kv_start[:, None]).clamp(min=0)
         x = self.tok_embeddings(idx)
         if self.pos_embeddings is not None:
             x = x + self.pos_embeddings(positions)
@@ -166,15 +181,14 @@ class Transformer(nn.Module):
             rope = (cos, sin) if positions.dim() == 1 else (cos[:, None], sin[:, None])
         x = self.drop(x)
         for block in self.layers:
-            x = block(x, rope, cache, kv_start, attn_maps)
+            x = block(x, rope, cache, kv_start, attn_maps, slots)
         if cache is not None:
-            cache.advance(T)
+            cache.pos += T
         x = self.norm(x)
+        if targets is not None:  # the loss, without ever holding all the logits (llm/loss.py)
+            weight = self.tok_embeddings.weight if self.output is None else self.output.weight
+            return linear_cross_entropy(x.flatten(0, 1), weight, targets.flatten(), label_smoothing)
         if last_only:
             x = x[:, -1:]
-        weight = self.tok_embeddings.weight if self.output is None else self.output.weight
-        logits = F.linear(x, weight)
-        if targets is None:
-            return logits
-        logits = logits.flatten(0, 1).to(torch.promote_types(logits.dtype, torch.float32))  # fp32 at least
-        return F.cross_entropy(logits, targets.flatten(), ignore_index=-1, label_smoothing=label_smoothing)
+        # self.output(x), not F.linear on its weight: a head in a decoding format (llm.quantize) is a module too.
+        return F.linear(x, self.tok_embeddings.weight) if self.output is None else self.output(x)

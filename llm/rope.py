@@ -2,6 +2,11 @@
 
 Channel i of the first half is paired with channel i of the second half:
     rope(x) = x * cos + rotate_half(x) * sin,   rotate_half([x1, x2]) = [-x2, x1]
+
+Computed half by half, so rotate_half is never materialized, and differentiated by hand: the
+rotation is orthogonal, so its backward is the rotation by the opposite angle. That is a few
+passes over q and k in each direction instead of the dozen that autograd records for the
+formula above (which cost a fifth of a CPU training step).
 """
 import torch
 
@@ -14,12 +19,29 @@ def rope_cache(max_len: int, head_dim: int, theta: float) -> tuple[torch.Tensor,
     return angles.cos().float(), angles.sin().float()
 
 
-def rotate_half(x: torch.Tensor) -> torch.Tensor:
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat([-x2, x1], dim=-1)
+def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x·cos + rotate_half(x)·sin, as [x1·c − x2·s, x2·c + x1·s] (c, s: the first half of
+    cos and sin, which repeat across the halves)."""
+    half = x.size(-1) // 2
+    x1, x2, s = x[..., :half], x[..., half:], sin[..., :half]
+    y = x * cos
+    y[..., :half].addcmul_(x2, s, value=-1)
+    y[..., half:].addcmul_(x1, s)
+    return y
+
+
+class _Rope(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, cos, sin):
+        ctx.save_for_backward(cos, sin)
+        return rotate(x, cos, sin)
+
+    @staticmethod
+    def backward(ctx, grad):
+        cos, sin = ctx.saved_tensors
+        return rotate(grad, cos, -sin), None, None
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """x: (B, H, T, D); cos, sin: (T, D) or (B, 1, T, D), already indexed by position."""
-    cos, sin = cos.to(x.dtype), sin.to(x.dtype)
-    return x * cos + rotate_half(x) * sin
+    return _Rope.apply(x, cos.to(x.dtype), sin.to(x.dtype))

@@ -30,11 +30,11 @@ def grid_id(options: dict) -> str:
     return "-".join(f"{v}" if not isinstance(v, bool) else f"{k}={int(v)}" for k, v in options.items())
 
 
-def tiny_model(seed=0, dtype=torch.float64, **overrides) -> Transformer:
-    settings = dict(vocab_size=97, block_size=48, n_layer=2, n_head=4, n_kv_head=2, d_model=32, attention="sdpa")
+def tiny_model(seed=0, dtype=torch.float64, attention="sdpa", dropout=0.0, **overrides) -> Transformer:
+    settings = dict(vocab_size=97, block_size=48, n_layer=2, n_head=4, n_kv_head=2, d_model=32)
     settings.update(overrides)
     torch.manual_seed(seed)
-    return Transformer(ModelConfig(**settings)).to(dtype).eval()
+    return Transformer(ModelConfig(**settings), attention, dropout).to(dtype).eval()
 
 
 

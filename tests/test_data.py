@@ -1,13 +1,14 @@
 """Corpora, packed token files, the document split, the caches and the training windows."""
 import json
+import math
 import os
 
 import numpy as np
 import pytest
 
 from llm import data
-from llm.data import (batched_by_bytes, eval_windows, is_validation, open_corpus, prepare_tokens, stdlib_sources,
-                      token_dtype, train_or_load_tokenizer, train_windows)
+from llm.data import (batched_by_bytes, eval_windows, is_validation, open_corpus, prepare_tokens, split_tokens,
+                      stdlib_sources, token_dtype, train_or_load_tokenizer, train_windows)
 from llm.errors import UserError
 from llm.tokenizer import Tokenizer
 
@@ -55,16 +56,78 @@ def test_eval_windows_are_fixed_and_in_range():
     assert w[0, 0] == 0 and w[-1, -1] == 999
 
 
-def test_split_by_document(corpus_dir, tokenizer, tmp_path):
-    docs = [(corpus_dir / f).read_text() for f in sorted(os.listdir(corpus_dir))]
-    splits = prepare_tokens(open_corpus(str(corpus_dir)), tokenizer, tmp_path / "cache", val_fraction=0.2)
+def split(corpus_dir, tokenizer, cache, val_fraction, block_size=8):
+    return split_tokens(prepare_tokens(open_corpus(str(corpus_dir)), tokenizer, cache, val_fraction), block_size)
+
+
+def documents(tokenizer, tokens) -> list[str]:
     eot = tokenizer.decode([tokenizer.eot_id])
-    val_docs = tokenizer.decode(splits.val.tolist()).split(eot)[:-1]
-    train_docs = tokenizer.decode(splits.train.tolist()).split(eot)[:-1]
-    assert val_docs == [d for i, d in enumerate(docs) if is_validation(i, 0.2)]
-    assert train_docs == [d for i, d in enumerate(docs) if not is_validation(i, 0.2)]
-    assert len(val_docs) == 6 and splits.meta["val_documents"] == 6
+    return tokenizer.decode(tokens.tolist()).split(eot)[:-1]
+
+
+def test_many_documents_split_by_document(tmp_path, tokenizer):
+    docs = make_docs(tmp_path / "corpus", n=60)  # at least MIN_VAL_DOCS / val_fraction documents
+    splits = split(tmp_path / "corpus", tokenizer, tmp_path / "cache", 0.2)
+    assert documents(tokenizer, splits.val) == [d for i, d in enumerate(docs) if is_validation(i, 0.2)]
+    assert documents(tokenizer, splits.train) == [d for i, d in enumerate(docs) if not is_validation(i, 0.2)]
+    assert splits.meta["val_documents"] == 12 and "12 of 60 documents" in splits.how
     assert splits.train.dtype == np.uint16 and splits.meta["train_tokens"] == len(splits.train)
+
+
+@pytest.mark.parametrize("n_docs", [1, 3, 49])
+def test_few_documents_split_by_tokens(tmp_path, tokenizer, n_docs):
+    """One text file, a few books: the last val_fraction of the token stream, in corpus order."""
+    docs = make_docs(tmp_path / "corpus", n=n_docs)
+    splits = split(tmp_path / "corpus", tokenizer, tmp_path / "cache", 0.2, block_size=4)
+    stream = np.concatenate([splits.train, splits.val])
+    assert documents(tokenizer, stream) == docs
+    assert len(splits.val) == max(math.ceil(0.2 * len(stream)), 5)
+    assert "of the token stream" in splits.how
+
+
+def test_validation_holds_a_window_whatever_the_fraction(tmp_path, tokenizer):
+    (tmp_path / "corpus").mkdir()
+    (tmp_path / "corpus" / "one.py").write_text("".join(make_docs(tmp_path / "docs", n=10)))
+    splits = split(tmp_path / "corpus", tokenizer, tmp_path / "cache", 0.01, block_size=12)
+    assert len(splits.val) == 13 and len(splits.train) >= 13
+
+
+def test_documents_too_short_for_a_validation_window_fall_back_to_tokens(tmp_path, tokenizer):
+    docs = make_docs(tmp_path / "corpus", n=60)
+    total = sum(len(tokenizer.encode(d)) + 1 for d in docs)
+    splits = split(tmp_path / "corpus", tokenizer, tmp_path / "cache", 0.2, block_size=total // 4)
+    assert len(splits.val) > total // 4 and len(splits.train) + len(splits.val) == total
+
+
+def test_corpus_too_small_for_two_windows(tmp_path, tokenizer):
+    make_docs(tmp_path / "corpus", n=2)
+    with pytest.raises(UserError, match=r"the corpus has \d+ tokens, too few .* block_size\+1 = 1001 tokens each "
+                                        r"\(at least 2,002 are needed\)"):
+        split(tmp_path / "corpus", tokenizer, tmp_path / "cache", 0.1, block_size=1000)
+
+
+def test_literal_separator_in_a_document_is_plain_text(tmp_path, tokenizer):
+    """Only the pipeline inserts separators: a document that talks about <|endoftext|> is one document."""
+    (tmp_path / "corpus").mkdir()
+    (tmp_path / "corpus" / "a.py").write_text('EOT = "<|endoftext|>"  # the separator\n')
+    (tmp_path / "corpus" / "b.py").write_text("x = 1\n")
+    splits = split(tmp_path / "corpus", tokenizer, tmp_path / "cache", 0.1, block_size=4)
+    stream = np.concatenate([splits.train, splits.val])
+    assert (stream == tokenizer.eot_id).sum() == 2  # one after each document, none inside
+    assert tokenizer.decode(stream.tolist()).count("<|endoftext|>") == 3
+
+
+def test_long_documents_are_encoded_in_pieces(tmp_path, tokenizer, monkeypatch):
+    monkeypatch.setattr(data, "PIECE_CHARS", 64)
+    lines = [f"line_{i} = {i} * 'x'" + (" \n" if i % 3 == 0 else "\n") for i in range(200)]
+    text = "".join(lines)
+    cuts = [(piece, ends) for piece, ends in data.pieces(iter([text, "short"]))]
+    assert "".join(p for p, _ in cuts[:-1]) == text and [e for _, e in cuts].count(True) == 2
+    assert all(len(p) <= 64 and p.endswith("\n") and not p[-2].isspace() for p, _ in cuts[:-2])
+    (tmp_path / "corpus").mkdir()
+    (tmp_path / "corpus" / "big.txt").write_text(text)
+    splits = split(tmp_path / "corpus", tokenizer, tmp_path / "cache", 0.1)
+    assert documents(tokenizer, np.concatenate([splits.train, splits.val])) == [text]
 
 
 def test_token_dtype():
@@ -74,17 +137,17 @@ def test_token_dtype():
 
 def test_token_cache_is_reused_and_invalidated(corpus_dir, tokenizer, tmp_path, monkeypatch):
     cache = tmp_path / "cache"
-    first = prepare_tokens(open_corpus(str(corpus_dir)), tokenizer, cache, 0.1)
+    first = split(corpus_dir, tokenizer, cache, 0.1)
     monkeypatch.setattr(data, "write_tokens", lambda *a: pytest.fail("cache not reused"))
-    again = prepare_tokens(open_corpus(str(corpus_dir)), tokenizer, cache, 0.1)
+    again = split(corpus_dir, tokenizer, cache, 0.1)
     assert np.array_equal(first.train, again.train)
     monkeypatch.undo()
     (corpus_dir / "file_000.py").write_text("changed = True\n")
-    changed = prepare_tokens(open_corpus(str(corpus_dir)), tokenizer, cache, 0.1)
+    changed = split(corpus_dir, tokenizer, cache, 0.1)
     assert len(list((cache / "tokens").iterdir())) == 2
-    assert not np.array_equal(first.val, changed.val)
+    assert not np.array_equal(first.train, changed.train)
     other = Tokenizer.train(["something else entirely"] * 5, 280)
-    prepare_tokens(open_corpus(str(corpus_dir)), other, cache, 0.1)
+    split(corpus_dir, other, cache, 0.1)
     assert len(list((cache / "tokens").iterdir())) == 3  # keyed by tokenizer too
 
 
@@ -137,7 +200,7 @@ def test_bad_data_paths(spec, message):
 def test_empty_corpus(tmp_path, tokenizer):
     (tmp_path / "empty.txt").write_text("")
     with pytest.raises(UserError, match="no documents"):
-        prepare_tokens(open_corpus(str(tmp_path)), tokenizer, tmp_path / "cache", 0.1)
+        split(tmp_path, tokenizer, tmp_path / "cache", 0.1)
     with pytest.raises(UserError, match="no documents"):
         train_or_load_tokenizer(open_corpus(str(tmp_path)), 300, tmp_path / "cache", 10**6)
     assert not list((tmp_path / "cache").rglob("*.json")) and not list((tmp_path / "cache").rglob("*.bin"))

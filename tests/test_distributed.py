@@ -66,8 +66,8 @@ def test_two_processes_train_like_one(runs):
 
 def test_resume_across_world_sizes(runs):
     """2 -> 1 and 1 -> 2 processes: both continue the same trajectory."""
-    assert json.loads((runs["two"] / "checkpoint" / "trainer.json").read_text()) == {
-        "step": 12, "tokens_seen": 12 * 8 * 64, "world_size": 1}
+    state = json.loads((runs["two"] / "checkpoint" / "trainer.json").read_text())
+    assert (state["step"], state["tokens_seen"], state["world_size"]) == (12, 12 * 8 * 64, 1)
     assert json.loads((runs["one"] / "checkpoint" / "trainer.json").read_text())["world_size"] == 2
     a, b = losses(runs["two"]), losses(runs["one"])
     assert sorted(a) == sorted(b) == list(range(1, 13))
@@ -124,3 +124,33 @@ def test_an_error_on_a_rank_ends_the_job_with_one_line(tmp_path):
     assert result.returncode != 0
     assert f"error: no files found at {tmp_path / 'missing'}" in result.stderr
     assert "[rank1]: Traceback" not in result.stderr  # the other rank stops cleanly too, no hang
+
+
+def test_one_text_file_under_torchrun_with_the_same_command_resumed(cache_dir, tmp_path):
+    """Two processes, one plain-text file (one document: split by tokens), then the same command + --resume."""
+    from llm.data import stdlib_sources
+
+    text = tmp_path / "input.txt"
+    text.write_text("".join(open(f, encoding="utf-8", errors="replace").read() for f in stdlib_sources()[:40])[:200_000])
+    command = TORCHRUN + ["train.py", "--config", "tiny", "--data", str(text), "--cache_dir", str(cache_dir),
+                          "--out_dir", str(tmp_path / "run"), "--decay_steps", "4", "--batch_size", "4"]
+    run(command + ["--max_steps", "2"])
+    result = run(command + ["--max_steps", "4", "--resume"])
+    assert "resuming from" in result.stdout
+    assert json.loads((llm.checkpoint.latest(tmp_path / "run") / "trainer.json").read_text())["step"] == 4
+    assert sorted(losses(tmp_path / "run")) == [2, 4]  # the last step of each command is logged
+
+
+def test_muon_state_is_sharded_and_reshards(corpus, cache_dir, tmp_path):
+    """Muon under FSDP: 2 processes train like 1, and its sharded state resumes on 1 process."""
+    common = ["train.py", "--config", "tiny", "--data", str(corpus), "--cache_dir", str(cache_dir), "--log_interval", "1",
+              "--decay_steps", "6", "--batch_size", "4", "--optimizer", "muon"]
+    run(TORCHRUN + common + ["--out_dir", str(tmp_path / "two"), "--max_steps", "3", "--grad_accum", "1"])
+    assert (tmp_path / "two" / "checkpoint" / "state" / "__1_0.distcp").exists()
+    run([sys.executable] + common + ["--out_dir", str(tmp_path / "two"), "--max_steps", "6", "--grad_accum", "2", "--resume"])
+    run([sys.executable] + common + ["--out_dir", str(tmp_path / "one"), "--max_steps", "6", "--grad_accum", "2"])
+    a, b = losses(tmp_path / "two"), losses(tmp_path / "one")
+    assert sorted(a) == sorted(b) == list(range(1, 7))
+    for step in a:
+        assert a[step] == pytest.approx(b[step], rel=1e-5), step
+    assert_same_weights(tmp_path / "two", tmp_path / "one")

@@ -12,11 +12,16 @@ from hypothesis import strategies as st
 from safetensors.torch import save_file
 
 import llm
-from llm.generate import Sampling, TextStream, complete, filter_logits, generate, sample
+import llm.attention
+import llm.generate
+from llm.attention import TRITON_DTYPES, TRITON_HEAD_DIMS, resolve_backend
+from llm.generate import CompiledStep, Sampling, TextStream, complete, filter_logits, generate, sample
 from llm.tokenizer import Tokenizer
 from llm.viz import attention_map
 from sample import main as sample_main
+from sample import parse
 from tests.helpers import grid_id, option_grid, tiny_model
+from tests.test_tokenizer import FAMILIES, assert_follows_prompt, without_eos
 
 ROOT = Path(__file__).resolve().parent.parent
 GRID = list(option_grid())[::3]  # 8 combinations covering every switch value
@@ -234,8 +239,124 @@ def test_sample_bad_checkpoints(run_dir, tmp_path, capsys):
 
 
 def test_compiled_decode_step_generates_the_same(run_dir):
-    """The --compile path (a compiled module as decode step), with dynamo's eager backend for speed."""
+    """The --compile path, with dynamo's eager backend for speed (tests/test_decode.py counts compilations)."""
     model, tokenizer = llm.load(run_dir)
-    compiled = torch.compile(model, backend="eager", dynamic=True)
     plain = complete(model, tokenizer, ["def ", "x"], 12, Sampling(temperature=0))
-    assert complete(model, tokenizer, ["def ", "x"], 12, Sampling(temperature=0), decode_step=compiled) == plain
+    compiled = complete(model, tokenizer, ["def ", "x"], 12, Sampling(temperature=0), decode_step=CompiledStep("eager"))
+    assert compiled == plain
+
+
+def write_run(path: Path, model, tokenizer) -> Path:
+    path.mkdir(parents=True, exist_ok=True)
+    save_file(model.state_dict(), path / "model.safetensors")
+    (path / "config.json").write_text(json.dumps(model.config.__dict__))
+    tokenizer.save(path / "tokenizer.json")
+    return path
+
+
+# ---------------------------------------------------------------- text of every tokenizer family
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_completion_text_follows_the_prompt(name, seed):
+    """An untrained model emits any tokens (byte pieces, specials): the text, streamed or not, is what
+    decoding prompt + completion adds to the prompt."""
+    tokenizer = FAMILIES[name]()
+    model = tiny_model(seed, dtype=torch.float32, vocab_size=tokenizer.vocab_size, block_size=64)
+    prompts = ["Hello world", "中文 🐍 x", "", "def f"]
+    pieces = [[] for _ in prompts]
+    streamed = complete(model, tokenizer, prompts, 24, Sampling(temperature=1.0), seed=seed,
+                        on_text=lambda row, text: pieces[row].append(text))
+    assert complete(model, tokenizer, prompts, 24, Sampling(temperature=1.0), seed=seed) == streamed
+    for row, result in enumerate(streamed):
+        assert "".join(pieces[row]) == result["text"]
+        assert_follows_prompt(tokenizer, result["prompt_ids"], result["ids"], result["text"])
+
+
+@pytest.mark.parametrize("num_samples", [1, 2], ids=["streamed", "batch"])
+def test_sample_command_keeps_sentencepiece_spaces(tmp_path, capsys, monkeypatch, num_samples):
+    """The reported failure, end to end: "Hello" + " world again" printed as "Helloworldagain"."""
+    tokenizer = FAMILIES["sentencepiece"]()
+    run = write_run(tmp_path / "run", tiny_model(0, dtype=torch.float32, vocab_size=tokenizer.vocab_size), tokenizer)
+    script = iter(tokenizer.hf.encode(" world again 🐍 done", add_special_tokens=False).ids * num_samples)
+    monkeypatch.setattr(llm.generate, "sample", lambda logits, s, g: torch.tensor([next(script)] * num_samples))
+    assert sample_main(["--ckpt", str(run), "--prompt", "Hello", "--max_new_tokens", "12", "--num_samples",
+                        str(num_samples), "--stop", "🐍"]) == 0
+    out = capsys.readouterr().out
+    assert out == ("Hello world again \n" if num_samples == 1 else ("Hello world again \n" + "-" * 40 + "\n") * 2)
+
+
+def test_without_end_of_sequence_generation_runs_to_the_limit(seed):
+    tokenizer = without_eos([TEXT])
+    model = tiny_model(seed, dtype=torch.float32, vocab_size=tokenizer.vocab_size, block_size=64)
+    with torch.no_grad():  # all logits equal: greedy picks token 0, and nothing ends the sequence
+        model.norm.weight.zero_()
+    for on_text in (None, lambda row, text: None):
+        result = complete(model, tokenizer, ["def ", "x"], 10, Sampling(temperature=0), on_text=on_text)
+        assert [r["ids"] for r in result] == [[0] * 10] * 2
+    stopped = complete(model, tokenizer, ["x"], 10, Sampling(temperature=0), stop=(tokenizer.decode([0, 0]),))
+    assert stopped[0]["text"] == "" and len(stopped[0]["ids"]) == 2
+    with pytest.raises(ValueError, match="an empty prompt needs a token to start from"):
+        complete(model, tokenizer, [""], 5)
+
+
+def test_empty_prompt_without_start_token_is_one_line(tmp_path, capsys, seed):
+    tokenizer = without_eos([TEXT])
+    run = write_run(tmp_path / "run", tiny_model(seed, dtype=torch.float32, vocab_size=tokenizer.vocab_size), tokenizer)
+    with pytest.raises(SystemExit) as exit_info:
+        sample_main(["--ckpt", str(run), "--max_new_tokens", "3"])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and err.count("\n") == 1 and "error: an empty prompt needs a token" in err, err
+
+
+# ---------------------------------------------------------------- stop strings on the command line
+
+
+def test_stop_strings_keep_non_ascii_and_read_escapes():
+    assert parse(["--stop", "héllo 🐍 你好", "--stop", "\\n\\n", "--stop", "a\\tb\\\\n"]).stop == (
+        "héllo 🐍 你好", "\n\n", "a\tb\\n")
+
+
+def test_sample_command_stops_at_a_non_ascii_string(run_dir, tokenizer, capsys, monkeypatch):
+    """Tokens forced to spell a known text: sample.py's output ends where the stop string begins."""
+    script = iter(tokenizer.encode("ab héllo 🐍 你好 cd" * 3))
+    monkeypatch.setattr(llm.generate, "sample", lambda logits, s, g: torch.tensor([next(script)]))
+    assert sample_main(["--ckpt", str(run_dir), "--prompt", "x", "--max_new_tokens", "40", "--stop", "🐍 你"]) == 0
+    assert capsys.readouterr().out == "xab héllo \n"
+
+
+# ---------------------------------------------------------------- attention backend by capability
+
+
+@pytest.mark.parametrize("head_dim, dtype, device, dropout, expected", [
+    (80, torch.bfloat16, "cuda", 0.0, "sdpa"),  # common in Hugging Face checkpoints
+    (96, torch.float16, "cuda", 0.0, "sdpa"),
+    (64, torch.bfloat16, "cuda", 0.0, "triton"),
+    (128, torch.float32, "cuda", 0.0, "triton"),
+    (16, torch.float16, "cuda:1", 0.0, "triton"),
+    (64, torch.float64, "cuda", 0.0, "sdpa"),
+    (64, torch.bfloat16, "cpu", 0.0, "sdpa"),
+    (64, torch.bfloat16, "cuda", 0.1, "sdpa"),  # the kernel has no attention dropout
+])
+def test_auto_backend_by_capability(monkeypatch, head_dim, dtype, device, dropout, expected):
+    monkeypatch.setattr(llm.attention, "triton_available", lambda: True)  # as on a GPU machine
+    assert resolve_backend("auto", head_dim, dtype, torch.device(device), dropout) == expected
+    assert resolve_backend("naive", head_dim, dtype, torch.device(device), dropout) == "naive"
+    monkeypatch.setattr(llm.attention, "triton_available", lambda: False)
+    assert resolve_backend("auto", head_dim, dtype, torch.device(device), dropout) == "sdpa"
+
+
+def test_backend_limits_match_the_kernel():
+    flash = pytest.importorskip("triton_kernels.flash")
+    assert TRITON_HEAD_DIMS == flash.SUPPORTED_HEAD_DIMS and TRITON_DTYPES == flash.SUPPORTED_DTYPES
+
+
+def test_sample_triton_on_unsupported_head_dim_is_one_line(tmp_path, tokenizer, capsys):
+    model = tiny_model(0, dtype=torch.float32, vocab_size=tokenizer.vocab_size, n_head=2, n_kv_head=1, head_dim=80)
+    run = write_run(tmp_path / "run", model, tokenizer)
+    with pytest.raises(SystemExit) as exit_info:
+        sample_main(["--ckpt", str(run), "--attention", "triton", "--max_new_tokens", "2"])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and err.count("\n") == 1, err
+    assert "error: attention=triton: our kernel supports head dims 16, 32, 64, 128 only (this model's is 80)" in err
+    assert sample_main(["--ckpt", str(run), "--attention", "auto", "--prompt", "x", "--max_new_tokens", "2"]) == 0

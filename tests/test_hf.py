@@ -26,6 +26,7 @@ from llm.model import Transformer
 from llm.tokenizer import EOT, Tokenizer
 from sample import main as sample_main
 from tests.helpers import fresh_seed  # module-scoped fixtures cannot use the per-test `seed`
+from tests.test_tokenizer import without_eos
 
 ROOT = Path(__file__).resolve().parent.parent
 TEXT = "def greet(name):\n    return f'héllo {name} 🐍 你好'\n\nclass Box:\n    pass\n" * 10
@@ -63,10 +64,9 @@ def save_hf(model, tokenizer, path: Path, **kwargs) -> Path:
 
 
 def our_model(tokenizer, **overrides) -> Transformer:
-    settings_ = dict(vocab_size=tokenizer.vocab_size, block_size=64, n_layer=2, n_head=4, n_kv_head=2, d_model=64,
-                     attention="sdpa")
+    settings_ = dict(vocab_size=tokenizer.vocab_size, block_size=64, n_layer=2, n_head=4, n_kv_head=2, d_model=64)
     settings_.update(overrides)
-    return randomize(Transformer(ModelConfig(**settings_)))
+    return randomize(Transformer(ModelConfig(**settings_), attention="sdpa"))
 
 
 def write_run(path: Path, model: Transformer, tokenizer) -> Path:
@@ -189,7 +189,7 @@ def test_export_loads_in_transformers_with_same_logits(case, tokenizer, tmp_path
     assert diff <= TOLERANCE
     reloaded, _ = llm.load(out)  # and back: the very same weights
     assert all(torch.equal(a, b) for a, b in zip(reloaded.state_dict().values(), model.state_dict().values()))
-    assert reloaded.config == dataclasses.replace(model.config, attention="auto")  # the backend is not exported
+    assert reloaded.config == model.config
 
 
 def test_export_greedy_generation_matches(tokenizer, tmp_path, seed):
@@ -248,7 +248,7 @@ BASE_HF_ERRORS = [  # (config.json changes, files removed, message)
     ({"num_hidden_layers": 3}, (), "missing model.layers.2."),
     ({"head_dim": 8}, (), "q_proj.weight has shape (64, 64), the config implies (32, 64)"),
     ({"hidden_size": "64"}, (), "hidden_size must be int"),
-    ({"eos_token_id": None}, ("generation_config.json",), "names no end-of-sequence token"),
+    ({"eos_token_id": 10**6}, (), "eos_token_id 1000000 is not in tokenizer.json's vocabulary"),
     ({}, ("tokenizer.json",), "has no tokenizer.json"),
     ({}, ("model.safetensors",), "neither model.safetensors nor model.safetensors.index.json"),
 ]
@@ -330,3 +330,51 @@ def test_sample_command_on_hf_directory(hf_dir):
                              "--max_new_tokens", "5"], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     assert result.stdout.startswith("x") and "tokens/s" in result.stderr
+
+
+# ---------------------------------------------------------------- directories as the Hub has them
+
+
+def test_llama_without_end_of_sequence_token(tmp_path, capsys, seed):
+    """Base models without an EOS load, and generate to max_new_tokens (or a stop string)."""
+    tokenizer = without_eos([TEXT])
+    hf = hf_llama(tokenizer)
+    path = save_hf(hf, tokenizer, tmp_path)
+    assert json.loads((path / "config.json").read_text()).get("eos_token_id") is None
+    model, tok = llm.load(path)
+    assert tok.eot_id is None and max_logit_diff(model, hf, tokenizer.vocab_size) <= TOLERANCE
+    assert sample_main(["--ckpt", str(path), "--prompt", "x", "--max_new_tokens", "7", "--seed", str(seed)]) == 0
+    assert capsys.readouterr().err.splitlines()[-1].startswith("7 tokens in ")
+
+
+def test_named_end_of_sequence_token_must_exist(hf_dir, tmp_path):
+    bad = Path(shutil.copytree(hf_dir, tmp_path / "bad"))
+    edit_config(bad, eos_token_id=None)
+    (bad / "generation_config.json").unlink()
+    (bad / "tokenizer_config.json").write_text(json.dumps({"eos_token": "<|no such token|>"}))
+    message = "eos_token '<|no such token|>' is not in tokenizer.json's vocabulary"
+    with pytest.raises(UserError, match=re.escape(message)):
+        llm.load(bad)
+
+
+def all_dtypes(model) -> set:
+    return {t.dtype for t in [*model.parameters(), *model.buffers()]}
+
+
+@pytest.mark.parametrize("mixed", [False, True], ids=["bf16", "mixed"])
+def test_low_precision_directory_loads_as_one_dtype(tokenizer, tmp_path, mixed, seed):
+    """Hub checkpoints are mostly bf16 (some mix dtypes): fp32 by default on CPU, bf16 when asked."""
+    hf = hf_llama(tokenizer).to(torch.bfloat16)
+    path = save_hf(hf, tokenizer, tmp_path)
+    if mixed:  # norms in fp32, attention in fp16, the rest bf16
+        from safetensors.torch import load_file
+        weights = load_file(path / "model.safetensors")
+        for name, tensor in weights.items():
+            weights[name] = tensor.float() if "norm" in name else tensor.half() if "self_attn" in name else tensor
+        save_file(weights, path / "model.safetensors", metadata={"format": "pt"})
+    model, _ = llm.load(path)
+    assert all_dtypes(model) == {torch.float32}
+    hf = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, attn_implementation="eager")
+    assert max_logit_diff(model, hf, tokenizer.vocab_size) <= TOLERANCE  # the stored values, upcast exactly
+    model, _ = llm.load(path, dtype=torch.bfloat16)
+    assert all_dtypes(model) == {torch.bfloat16}

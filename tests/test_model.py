@@ -1,5 +1,6 @@
 """The model: causality, RoPE, backend agreement, initialization, learning."""
 import math
+import re
 
 import pytest
 import torch
@@ -88,7 +89,7 @@ def test_rope_is_rotate_half():
 
 
 def test_gpt2_initialization():
-    config = ModelConfig(vocab_size=1024, block_size=64, n_layer=8, n_head=8, d_model=512, attention="sdpa")
+    config = ModelConfig(vocab_size=1024, block_size=64, n_layer=8, n_head=8, d_model=512)
     torch.manual_seed(0)
     model = Transformer(config)
     assert abs(model.tok_embeddings.weight.std().item() - 0.02) < 0.001
@@ -122,7 +123,7 @@ def test_kv_cache_matches_full_forward(seed):
 
 def test_overfits_one_batch(seed):
     torch.manual_seed(seed)
-    model = Transformer(ModelConfig(vocab_size=64, block_size=32, n_layer=2, n_head=4, d_model=64, attention="sdpa"))
+    model = Transformer(ModelConfig(vocab_size=64, block_size=32, n_layer=2, n_head=4, d_model=64), attention="sdpa")
     x = torch.randint(0, 64, (4, 33))
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
     for _ in range(150):
@@ -148,11 +149,21 @@ def test_label_smoothing_raises_the_floor(seed):
     (dict(n_head=4, n_kv_head=3), "not divisible by n_kv_head"),
     (dict(norm="batchnorm"), "norm='batchnorm'"),
     (dict(n_layer=0), "n_layer must be positive"),
-    (dict(attention="triton", dropout=0.1), "no attention dropout"),
 ])
 def test_invalid_model_configs(bad, message):
     with pytest.raises(UserError, match=message):
         ModelConfig(**{"d_model": 32, "n_head": 4, **bad})
+
+
+@pytest.mark.parametrize("attention, dropout, head_dim, message", [
+    ("triton", 0.1, 16, "no attention dropout"),
+    ("triton", 0.0, 80, "head dims 16, 32, 64, 128 only (this model's is 80)"),
+    ("flash", 0.0, 16, "attention='flash' is not one of"),
+])
+def test_impossible_backends_are_refused_when_built(attention, dropout, head_dim, message):
+    with pytest.raises(UserError, match=re.escape(message)):
+        Transformer(ModelConfig(vocab_size=32, block_size=8, n_layer=1, n_head=2, d_model=32, head_dim=head_dim),
+                    attention, dropout)
 
 
 def test_triton_backend_matches_sdpa(seed):

@@ -51,15 +51,18 @@ def test_smoke_run_via_command_line(corpus, cache_dir, tmp_path):
     assert all(os.stat(f).st_mode & 0o044 for f in (out / "checkpoint").iterdir() if f.is_file())  # not 0600
 
 
-def test_loss_decreases(corpus, cache_dir, tmp_path):
-    assert main(args(corpus, cache_dir, tmp_path / "run", "--max_steps", "30", "--log_interval", "1")) == 0
+@pytest.mark.parametrize("recipe", [["--optimizer", "adamw"], ["--optimizer", "muon", "--schedule", "wsd"]])
+def test_loss_decreases(corpus, cache_dir, tmp_path, recipe):
+    assert main(args(corpus, cache_dir, tmp_path / "run", "--max_steps", "30", "--log_interval", "1", *recipe)) == 0
     losses = [json.loads(l)["loss"] for l in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines() if '"loss"' in l]
     assert sum(losses[-5:]) / 5 < sum(losses[:5]) / 5 - 0.5
 
 
-def test_resume_is_bit_exact(corpus, cache_dir, tmp_path):
+@pytest.mark.parametrize("optimizer", ["adamw", "muon"])
+def test_resume_is_bit_exact(corpus, cache_dir, tmp_path, optimizer):
     """N steps, then --resume to 2N, equals 2N uninterrupted (with dropout and accumulation in play)."""
-    common = ["--dropout", "0.1", "--grad_accum", "2", "--decay_steps", "8", "--ckpt_interval", "100"]
+    common = ["--dropout", "0.1", "--grad_accum", "2", "--decay_steps", "8", "--ckpt_interval", "100",
+              "--optimizer", optimizer]
     assert main(args(corpus, cache_dir, tmp_path / "full", "--max_steps", "8", *common)) == 0
     assert main(args(corpus, cache_dir, tmp_path / "split", "--max_steps", "4", *common)) == 0
     assert main(["--out_dir", str(tmp_path / "split"), "--resume", "--max_steps", "8"]) == 0
@@ -109,7 +112,7 @@ while True:
     with torch.no_grad():
         for p in model.parameters():
             p.fill_(step)  # the weights say which step they belong to
-    checkpoint.save(Path(sys.argv[1]), step, model, optimizer, tokenizer, run, Dist(), tokens_seen=step)
+    checkpoint.save(Path(sys.argv[1]), step, model, optimizer, tokenizer, run, Dist(), {{"tokens_seen": step}})
 """
 
 
@@ -121,8 +124,8 @@ def test_checkpoint_killed_midway_leaves_previous_loadable(tmp_path):
         proc = subprocess.Popen([sys.executable, "-c", KILLER.format(start=last), str(run_dir)], cwd=ROOT,
                                 stderr=subprocess.PIPE)
         deadline = time.time() + 60
-        while time.time() < deadline and checkpoint.current(run_dir) is None or (
-                json.loads((checkpoint.current(run_dir) / "trainer.json").read_text())["step"] <= last):
+        while time.time() < deadline and checkpoint.latest(run_dir) is None or (
+                json.loads((checkpoint.latest(run_dir) / "trainer.json").read_text())["step"] <= last):
             time.sleep(0.05)
         time.sleep(0.1 + 0.15 * attempt)  # land somewhere inside a later save
         proc.kill()
@@ -145,12 +148,19 @@ def test_checkpoint_killed_midway_leaves_previous_loadable(tmp_path):
     (["--n_layer", "two"], "--n_layer expects int, got 'two'"),
     (["--data", "/no/such/corpus"], "no files found at /no/such/corpus"),
     (["--config", "nope"], "no config named 'nope'"),
-    (["--resume", "--config", "tiny"], "drop --config"),
+    (["--grad_clip=-1"], "grad_clip must be >= 0"),
+    (["--warmup_steps", "10", "--decay_steps", "5"], "decay_steps=5 must be at least warmup_steps=10"),
+    (["--beta2", "1.5"], "beta2 must be in [0, 1)"),
+    (["--weight_decay=-0.1"], "weight_decay must be >= 0"),
+    (["--max_bad_steps", "0"], "max_bad_steps must be positive"),
+    (["--optimizer", "sgd"], "optimizer='sgd' is not one of adamw, muon"),
+    (["--resume"], "holds no complete checkpoint"),
+    (["--resume=maybe"], "--resume takes true, false or auto"),
+    (["--resume", "--overwrite"], "choose one"),
+    (["--attention", "triton", "--head_dim", "24"], "attention=triton: our kernel supports head dims 16, 32, 64, 128 only"),
 ])
 def test_bad_input_one_line(corpus, cache_dir, tmp_path, capsys, extra, message):
     argv = args(corpus, cache_dir, tmp_path / "run") + extra
-    if "--config" in extra:
-        argv = argv[2:]
     with pytest.raises(SystemExit) as exit_info:
         main(argv)
     assert exit_info.value.code == 2
@@ -222,7 +232,7 @@ def test_compiled_model_saves_plain_names(corpus, cache_dir, tmp_path, monkeypat
 def test_checkpoint_config_must_match_weights(corpus, cache_dir, tmp_path):
     out = tmp_path / "run"
     assert main(args(corpus, cache_dir, out, "--max_steps", "1")) == 0
-    ckpt = checkpoint.current(out)
+    ckpt = checkpoint.latest(out)
     config = json.loads((ckpt / "config.json").read_text())
     (ckpt / "config.json").write_text(json.dumps({**config, "d_model": 128, "ffn_hidden": None}))
     with pytest.raises(llm.errors.UserError, match="config.json does not match model.safetensors"):
@@ -232,7 +242,175 @@ def test_checkpoint_config_must_match_weights(corpus, cache_dir, tmp_path):
 def test_truncated_weights(corpus, cache_dir, tmp_path):
     out = tmp_path / "run"
     assert main(args(corpus, cache_dir, out, "--max_steps", "1")) == 0
-    path = checkpoint.current(out) / "model.safetensors"
+    path = checkpoint.latest(out) / "model.safetensors"
     path.write_bytes(path.read_bytes()[: os.path.getsize(path) // 2])
     with pytest.raises(llm.errors.UserError, match="not a valid safetensors file"):
         llm.load(out)
+
+
+# --- what real users feed the toolkit (issue 10) ---------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def text_file(tmp_path_factory):
+    """One plain-text file, tinyshakespeare-sized: the most common first run."""
+    from llm.data import stdlib_sources
+
+    text = "".join(open(f, encoding="utf-8", errors="replace").read() for f in stdlib_sources()[:60])[:360_000]
+    path = tmp_path_factory.mktemp("one_file") / "input.txt"
+    path.write_text(text)
+    return path
+
+
+def metrics(run_dir) -> list[dict]:
+    return [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_one_text_file_trains_and_resumes_with_the_same_command(text_file, cache_dir, tmp_path, capsys):
+    command = args(text_file, cache_dir, tmp_path / "run", "--decay_steps", "6")
+    assert main(command + ["--max_steps", "3"]) == 0
+    out = capsys.readouterr().out
+    assert "validation: the last" in out  # one document: split by tokens, both splits hold windows
+    assert main(command + ["--max_steps", "6", "--resume"]) == 0  # the command that started it, + --resume
+    assert "resuming with changed settings: max_steps 3 -> 6" in capsys.readouterr().out
+    assert main(args(text_file, cache_dir, tmp_path / "full", "--decay_steps", "6", "--max_steps", "6")) == 0
+    assert_bit_identical(weights(tmp_path / "full"), weights(tmp_path / "run"))
+
+
+def test_resume_auto_starts_then_continues(corpus, cache_dir, tmp_path):
+    """A requeue script needs no logic: the same command starts the run and continues it."""
+    command = args(corpus, cache_dir, tmp_path / "run", "--resume=auto", "--decay_steps", "4")
+    assert main(command + ["--max_steps", "2"]) == 0
+    assert main(command + ["--max_steps", "4"]) == 0
+    assert main(args(corpus, cache_dir, tmp_path / "full", "--decay_steps", "4", "--max_steps", "4")) == 0
+    assert_bit_identical(weights(tmp_path / "full"), weights(tmp_path / "run"))
+    assert [r["step"] for r in metrics(tmp_path / "run") if "val_loss" in r] == [2, 4]
+
+
+def test_training_settings_change_on_resume_and_take_effect(corpus, cache_dir, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(args(corpus, cache_dir, out, "--max_steps", "2")) == 0
+    assert main(args(corpus, cache_dir, out, "--max_steps", "3", "--resume", "--weight_decay", "0.05",
+                     "--beta1", "0.8", "--beta2", "0.9", "--lr", "1e-3")) == 0
+    printed = capsys.readouterr().out
+    for change in ("weight_decay 0.1 -> 0.05", "beta1 0.9 -> 0.8", "beta2 0.95 -> 0.9", "lr 0.003 -> 0.001"):
+        assert change in printed
+    saved = json.loads((checkpoint.latest(out) / "run.json").read_text())["train"]
+    assert (saved["weight_decay"], saved["beta1"], saved["lr"]) == (0.05, 0.8, 1e-3)
+    # the optimizer used them: its saved state carries the new values, not the restored old ones
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.default_planner import _EmptyStateDictLoadPlanner
+
+    state = {}
+    dcp.state_dict_loader._load_state_dict(state, dcp.FileSystemReader(checkpoint.latest(out) / "state"),
+                                           planner=_EmptyStateDictLoadPlanner(), no_dist=True)
+    groups = state["optim"]["param_groups"]
+    assert {g["weight_decay"] for g in groups} == {0.05, 0.0} and {tuple(g["betas"]) for g in groups} == {(0.8, 0.9)}
+
+
+@pytest.mark.parametrize("change, message", [
+    (["--n_layer", "3"], "cannot change n_layer (2 -> 3)"),
+    (["--ffn", "gelu"], "cannot change ffn (swiglu -> gelu)"),
+    (["--seed", "7"], "keeps the run's data: cannot change seed"),
+    (["--val_fraction", "0.2"], "keeps the run's data: cannot change val_fraction"),
+])
+def test_resume_refuses_architecture_and_data_changes(corpus, cache_dir, tmp_path, capsys, change, message):
+    out = tmp_path / "run"
+    assert main(args(corpus, cache_dir, out, "--max_steps", "1")) == 0
+    before = weights(out)
+    with pytest.raises(SystemExit):
+        main(args(corpus, cache_dir, out, "--max_steps", "2", "--resume", *change))
+    assert message in capsys.readouterr().err
+    assert_bit_identical(before, weights(out))
+
+
+def test_init_from_run_resumes_like_any_other(corpus, cache_dir, tmp_path):
+    source = tmp_path / "source"
+    assert main(args(corpus, cache_dir, source, "--max_steps", "2")) == 0
+    command = args(corpus, cache_dir, tmp_path / "tuned", "--init_from", str(source), "--decay_steps", "4")
+    assert main(command + ["--max_steps", "2"]) == 0
+    assert json.loads((tmp_path / "tuned" / "run.json").read_text())["init_from"] == str(source)
+    assert main(command + ["--max_steps", "4", "--resume"]) == 0
+    assert json.loads((checkpoint.latest(tmp_path / "tuned") / "trainer.json").read_text())["step"] == 4
+    assert main(command[:-4] + ["--out_dir", str(tmp_path / "direct"), "--init_from", str(source),
+                                "--decay_steps", "4", "--max_steps", "4"]) == 0
+    assert_bit_identical(weights(tmp_path / "direct"), weights(tmp_path / "tuned"))
+
+
+def test_run_copied_without_links_resumes(corpus, cache_dir, tmp_path):
+    """cp -rL, cloud sync, shutil.copytree's defaults: links become plain files and folders."""
+    import shutil
+
+    out = tmp_path / "run"
+    assert main(args(corpus, cache_dir, out, "--max_steps", "2", "--decay_steps", "4")) == 0
+    copy = tmp_path / "copy"
+    shutil.copytree(out, copy)
+    assert not (copy / "checkpoint").is_symlink() and (copy / "checkpoint").is_dir()
+    llm.load(copy)
+    assert main(["--out_dir", str(copy), "--resume", "--max_steps", "4"]) == 0
+    assert (copy / "checkpoint").is_symlink() and (copy / "model.safetensors").is_symlink()
+    assert main(args(corpus, cache_dir, out, "--max_steps", "4", "--resume")) == 0
+    assert_bit_identical(weights(out), weights(copy))
+
+
+def test_overwrite_with_bad_input_keeps_the_old_run(corpus, cache_dir, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(args(corpus, cache_dir, out, "--max_steps", "2")) == 0
+    before = {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    (empty / "a.txt").write_text("")
+    capsys.readouterr()
+    for bad in (["--data", str(empty)], ["--data", str(tmp_path / "missing")], ["--block_size", "10000000"],
+                ["--vocab_size", "100"]):
+        with pytest.raises(SystemExit):
+            main(args(corpus, cache_dir, out, "--max_steps", "2", "--overwrite", *bad))
+        assert capsys.readouterr().err.rsplit("\r", 1)[-1].startswith("error: ")  # progress bars clear themselves
+        assert {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
+    assert main(args(corpus, cache_dir, out, "--max_steps", "1", "--overwrite")) == 0
+    assert [p.name for p in out.iterdir() if p.name.startswith(".replaced")] == []  # dropped after the new checkpoint
+    assert json.loads((checkpoint.latest(out) / "trainer.json").read_text())["step"] == 1
+
+
+@pytest.fixture
+def poisoned_steps(monkeypatch):
+    """Make the training loss NaN at chosen (1-based) training forward passes of each new model."""
+    from llm.model import Transformer
+
+    bad = set()
+    forward = Transformer.forward
+
+    def poisoned(self, idx, targets=None, **kwargs):
+        out = forward(self, idx, targets, **kwargs)
+        if targets is not None and self.training:
+            self.poison_count = getattr(self, "poison_count", 0) + 1
+            if self.poison_count in bad:
+                out = out * float("nan")
+        return out
+
+    monkeypatch.setattr(Transformer, "forward", poisoned)
+    return bad
+
+
+def test_a_nan_step_is_skipped_and_counted(corpus, cache_dir, tmp_path, poisoned_steps):
+    common = ["--decay_steps", "10", "--log_interval", "1"]
+    assert main(args(corpus, cache_dir, tmp_path / "two", "--max_steps", "2", *common)) == 0
+    poisoned_steps.add(3)
+    assert main(args(corpus, cache_dir, tmp_path / "three", "--max_steps", "3", *common)) == 0
+    assert_bit_identical(weights(tmp_path / "two"), weights(tmp_path / "three"))  # step 3 changed nothing
+    records = metrics(tmp_path / "three")
+    assert [r["skipped_steps"] for r in records if "loss" in r] == [0, 0, 1]
+    assert all(torch.isfinite(w).all() for w in weights(tmp_path / "three").values())
+
+
+def test_consecutive_bad_steps_stop_the_run_and_keep_the_checkpoint(corpus, cache_dir, tmp_path, capsys, poisoned_steps):
+    out = tmp_path / "run"
+    poisoned_steps.update(range(3, 100))
+    with pytest.raises(SystemExit) as exit_info:
+        main(args(corpus, cache_dir, out, "--max_steps", "20", "--ckpt_interval", "2", "--max_bad_steps", "3"))
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert "3 steps in a row had a non-finite loss or gradient norm (up to step 5)" in err and "Traceback" not in err
+    ckpt = checkpoint.latest(out)
+    assert ckpt.name == "ckpt-0000004"  # step 4 (skipped, weights still good) was the last save
+    assert all(torch.isfinite(w).all() for w in weights(out).values())

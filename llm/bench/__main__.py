@@ -1,0 +1,25 @@
+"""python -m llm.bench {train,sample,decode} [options]: see llm/bench/__init__.py."""
+import sys
+
+from llm.errors import UserError, exit_on_user_error
+
+COMMANDS = ("train", "speedrun", "sample", "decode")
+
+
+def main(argv):
+    with exit_on_user_error():
+        if not argv or argv[0] not in COMMANDS:
+            raise UserError(f"usage: python -m llm.bench {{{','.join(COMMANDS)}}} [options]  (--help after the command for more)")
+        if argv[0] == "train":
+            from llm.bench.train import bench_train as command
+        elif argv[0] == "speedrun":
+            from llm.bench.speedrun import bench_speedrun as command
+        elif argv[0] == "decode":
+            from llm.bench.decode import bench_decode as command
+        else:
+            from llm.bench.sample import bench_sample as command
+        command(argv[1:])
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

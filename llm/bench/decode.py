@@ -1,0 +1,363 @@
+"""python -m llm.bench decode: how close decoding runs to the memory-bandwidth limit.
+
+Decoding one token reads every weight once (and the KV cache), so its ceiling is the machine's
+read bandwidth. For each model, dtype, quantization, compile setting and batch size it prints
+tokens/s, the bandwidth the decode step achieves (bytes of weights + KV cache read per step x
+steps/s) and that as a percentage of this machine's read bandwidth, measured here with one large
+matrix-vector product in the same dtype. Then decode latency at 1,000 tokens of context against
+50, transformers' generate on the same weights (greedy, identical tokens checked), and, for a
+trained checkpoint (--ckpt), how far int8 moves its logits and greedy tokens.
+
+    python -m llm.bench decode                                   # default + llama-small shapes
+    python -m llm.bench decode --config llama-small --batch 1 --compile --json out.json
+"""
+import copy
+import json
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from llm.bench import machine, sync
+from llm.errors import ArgumentParser, UserError
+from llm.generate import CompiledStep, Sampling, check_compile_backend, decode_one, generate
+from llm.model import Transformer
+from llm.quantize import METHODS, Int8Linear, TransposedLinear, for_decoding
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def native_bf16(device: torch.device) -> bool:
+    """bf16 arithmetic in hardware: CUDA, or a CPU with AVX-512 BF16 or AMX."""
+    if device.type == "cuda":
+        return True
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def build_model(name: str, device, dtype, block_size: int) -> Transformer:
+    """A config's shapes with random weights (GPT-2 init), built without a throwaway init."""
+    from llm.config import resolve
+
+    config = resolve(name, {"block_size": block_size}).model
+    with torch.device("meta"):
+        model = Transformer(config, attention="sdpa")
+    model = model.to_empty(device=device)
+    torch.manual_seed(0)
+    model.init_weights()
+    model.init_buffers()
+    return model.to(dtype).eval()
+
+
+def bytes_per_step(model, batch: int, cache_len: int) -> int:
+    """What one decode step reads: every weight of the layers and the head (not the embedding table,
+    one row of which is read, unless it is the tied head), and the whole static KV cache."""
+    kinds = (nn.Linear, TransposedLinear, Int8Linear, nn.RMSNorm, nn.LayerNorm)
+    weights = sum(t.nbytes for m in model.modules() if isinstance(m, kinds)
+                  for t in [*m.parameters(recurse=False), *m.buffers(recurse=False)] if t is not None)
+    if model.output is None:
+        weights += model.tok_embeddings.weight.nbytes
+    c = model.config
+    dtype = next(model.parameters()).dtype
+    cache = 2 * c.n_layer * batch * c.n_kv_head * cache_len * c.head_dim * dtype.itemsize
+    return weights + cache
+
+
+def read_bandwidth(device, dtype, quantized: bool, repeats: int = 20) -> float:
+    """GB/s of one large matrix-vector product in this dtype (256 MB of fp32 or bf16 weights, 128 MB
+    of int8: far beyond the caches), the faster of F.linear and the transposed layout for floats:
+    the most a decode step in this dtype can read."""
+    n, k = 8192, 8192 if dtype == torch.float32 and not quantized else 16384
+    w = torch.randn(n, k, device=device).to(dtype)
+    x = torch.randn(1, k, device=device, dtype=dtype)
+    layers = [Int8Linear(w)] if quantized else [TransposedLinear(w), lambda x: F.linear(x, w)]
+    nbytes = layers[0].weight.nbytes + layers[0].kernel_scales.nbytes if quantized else w.nbytes
+    return max(nbytes / median_seconds(lambda: layer(x), device, repeats) / 1e9 for layer in layers)
+
+
+def matvec_kernels(config, device, repeats: int = 20) -> list[dict]:
+    """The int8 kernel against the float ones, on the model's two typical shapes (d_model x 4·d_model
+    and vocab x d_model) at batch 1 and 8: microseconds and GB/s of weights read. (Small matrices
+    stay in the caches when timed alone: GB/s here can exceed the machine's read bandwidth.)"""
+    rows = []
+    for n, k in ((4 * config.d_model, config.d_model), (config.vocab_size, config.d_model)):
+        w = torch.randn(n, k, device=device)
+        int8 = Int8Linear(w)
+        for batch in (1, 8):
+            x = torch.randn(batch, k, device=device)
+            kernels = {
+                "fp32 F.linear": (lambda: F.linear(x, w), w.nbytes),
+                "fp32 transposed": (lambda t=TransposedLinear(w): t(x), w.nbytes),
+                "bf16 F.linear": (lambda wb=w.bfloat16(), xb=x.bfloat16(): F.linear(xb, wb), w.nbytes // 2),
+                "int8 (bf16 activations)": (lambda xb=x.bfloat16(): int8(xb), int8.weight.nbytes),
+                "int8 (fp32 in and out)": (lambda: int8(x), int8.weight.nbytes),
+            }
+            for name, (fn, nbytes) in kernels.items():
+                seconds = median_seconds(fn, device, repeats)
+                rows.append({"shape": [n, k], "batch": batch, "kernel": name, "us": seconds * 1e6,
+                             "gbps": nbytes / seconds / 1e9})
+    return rows
+
+
+def median_seconds(fn, device, repeats: int) -> float:
+    fn()
+    times = []
+    for _ in range(repeats):
+        sync(device)
+        start = time.perf_counter()
+        fn()
+        sync(device)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def decode_seconds(model, prompts, new_tokens: int, step) -> float:
+    """Seconds for the decode steps of one greedy generation (after the prefill and first token)."""
+    device = next(model.parameters()).device
+    tokens = generate(model, prompts, new_tokens, Sampling(temperature=0), decode_step=step)
+    next(tokens)
+    sync(device)
+    start = time.perf_counter()
+    for _ in tokens:
+        pass
+    sync(device)
+    return time.perf_counter() - start
+
+
+def measure(model, batch: int, prompt_len: int, new_tokens: int, step, repeats: int) -> dict:
+    device = next(model.parameters()).device
+    prompts = torch.randint(0, model.config.vocab_size, (batch, prompt_len)).tolist()
+    decode_seconds(model, prompts, new_tokens, step)  # warm up (and compile)
+    seconds = statistics.median(decode_seconds(model, prompts, new_tokens, step) for _ in range(repeats))
+    steps_per_s = (new_tokens - 1) / seconds
+    return {"tokens_per_s": batch * steps_per_s, "ms_per_step": 1e3 / steps_per_s,
+            "achieved_gbps": bytes_per_step(model, batch, prompt_len + new_tokens) * steps_per_s / 1e9}
+
+
+def latency(model, context: int, steps: int, step, repeats: int) -> float:
+    """Median ms per decode step at batch 1 with `context` tokens already cached."""
+    prompts = torch.randint(0, model.config.vocab_size, (1, context)).tolist()
+    decode_seconds(model, prompts, steps + 1, step)
+    return 1e3 * statistics.median(decode_seconds(model, prompts, steps + 1, step) for _ in range(repeats)) / steps
+
+
+def compare_with_transformers(model, prepared, new_tokens: int, repeats: int) -> dict | None:
+    """Greedy generation, batch 1, prompt 32, the same weights: ours (`prepared`, whole generate calls,
+    prefill included, as theirs) against transformers' generate on `model` exported, alternated so
+    drifts hit both alike."""
+    try:
+        from transformers import AutoModelForCausalLM
+    except ImportError:
+        print("transformers is not installed: no comparison")
+        return None
+    from safetensors.torch import save_file
+
+    from llm.hf import export_llama
+    from llm.tokenizer import Tokenizer
+
+    device, dtype = next(model.parameters()).device, next(model.parameters()).dtype
+    with tempfile.TemporaryDirectory() as tmp:
+        run_dir, hf_dir = Path(tmp) / "run", Path(tmp) / "hf"
+        run_dir.mkdir()
+        weights = {k: v.float().cpu().contiguous() for k, v in model.state_dict().items()}
+        save_file(weights, run_dir / "model.safetensors")
+        (run_dir / "config.json").write_text(json.dumps(model.config.__dict__))
+        Tokenizer.train(["placeholder text"], 260).save(run_dir / "tokenizer.json")
+        try:
+            export_llama(run_dir, hf_dir)
+        except UserError as e:
+            print(f"not comparable with transformers' Llama: {e}")
+            return None
+        hf = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=dtype).to(device).eval()
+    prompt = torch.randint(0, model.config.vocab_size, (1, 32), device=device)
+
+    def ours():
+        return torch.stack(list(generate(prepared, prompt.tolist(), new_tokens, Sampling(temperature=0))), dim=1)
+
+    def theirs():
+        return hf.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=new_tokens,
+                           min_new_tokens=new_tokens, do_sample=False, pad_token_id=0)[:, 32:]
+
+    a, b = ours(), theirs()
+    same = torch.equal(a, b)
+    first_difference = None if same else int((a != b).int().argmax())
+    runs = {"ours": [], "transformers": []}
+    for _ in range(repeats):
+        for name, fn in (("ours", ours), ("transformers", theirs)):
+            runs[name].append(median_seconds(fn, device, 1))
+    result = {name: new_tokens / statistics.median(r) for name, r in runs.items()}
+    return {"dtype": str(dtype).removeprefix("torch."), "new_tokens": new_tokens, "identical_tokens": same,
+            "first_difference": first_difference, "ours_tokens_per_s": result["ours"],
+            "transformers_tokens_per_s": result["transformers"], "ratio": result["ours"] / result["transformers"]}
+
+
+@torch.inference_mode()
+def quantization_quality(model, tokens: int = 256) -> dict:
+    """int8 against the model as it is: logit difference and greedy agreement (teacher-forced on the
+    float model's own greedy continuation, and free-running) over `tokens` tokens (fewer if the
+    context is shorter)."""
+    tokens = min(tokens, model.config.block_size - 8)
+    prompt = [torch.randint(0, model.config.vocab_size, (8,)).tolist()]
+    greedy = torch.stack(list(generate(model, prompt, tokens, Sampling(temperature=0))), dim=1)
+    quantized = for_decoding(copy.deepcopy(model), "int8")
+    greedy8 = torch.stack(list(generate(quantized, prompt, tokens, Sampling(temperature=0))), dim=1)
+    sequence = torch.cat([torch.tensor(prompt, device=greedy.device), greedy], dim=1)
+    logits, logits8 = model(sequence)[0, 7:-1].float(), quantized(sequence)[0, 7:-1].float()
+    return {"tokens": tokens, "max_abs_logit_diff": (logits - logits8).abs().max().item(),
+            "max_abs_logit": logits.abs().max().item(),
+            "teacher_forced_agreement": (logits.argmax(-1) == logits8.argmax(-1)).float().mean().item(),
+            "free_running_identical_tokens": int((greedy == greedy8).int().cumprod(1).sum())}
+
+
+def parse(argv):
+    p = ArgumentParser(prog="python -m llm.bench decode", description=__doc__.splitlines()[0])
+    p.add_argument("--config", default="default,llama-small",
+                   help="model shapes (random weights), comma-separated (default: default,llama-small)")
+    p.add_argument("--ckpt", help="a checkpoint to load instead of --config (also reports int8's effect on it)")
+    p.add_argument("--batch", default="1,8", help="batch sizes, comma-separated (default: 1,8)")
+    p.add_argument("--dtype", help="float32 | bfloat16 | float16, comma-separated (default: float32, "
+                                   "and bfloat16 where the hardware has it)")
+    p.add_argument("--quantize", help=f"none | {' | '.join(METHODS)}, comma-separated (default: none,int8)")
+    p.add_argument("--compile", nargs="?", const="inductor", metavar="BACKEND",
+                   help="also time the compiled decode step (a torch.compile backend, inductor if omitted; "
+                        "on CUDA it is replayed as a CUDA graph)")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda (default: auto, cuda if available)")
+    p.add_argument("--prompt_len", type=int, default=32, help="prompt tokens per row (default: 32)")
+    p.add_argument("--new_tokens", type=int, default=128, help="tokens generated per row (default: 128)")
+    p.add_argument("--repeats", type=int, default=3, help="timed generations per row, median (default: 3)")
+    p.add_argument("--no_hf", action="store_true", help="skip the comparison with transformers")
+    p.add_argument("--no_latency", action="store_true", help="skip decode latency at 50 and 1000 tokens of context")
+    p.add_argument("--no_kernels", action="store_true", help="skip the int8 / float matrix-vector micro-benchmark")
+    p.add_argument("--json", help="write the results here as a JSON object")
+    args = p.parse_args(argv)
+    try:
+        args.batch = [int(b) for b in args.batch.split(",")]
+    except ValueError:
+        raise UserError(f"--batch must be comma-separated integers, got {args.batch!r}")
+    args.device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
+                               "cpu" if args.device == "auto" else args.device)
+    if args.device.type == "cuda" and not torch.cuda.is_available():
+        raise UserError("--device cuda: CUDA is not available here")
+    names = args.dtype.split(",") if args.dtype else ["float32"] + ["bfloat16"] * native_bf16(args.device)
+    if unknown := [n for n in names if n not in DTYPES]:
+        raise UserError(f"--dtype {unknown[0]}: choose from {', '.join(DTYPES)}")
+    args.dtypes = [DTYPES[n] for n in names]
+    args.quantize = args.quantize.split(",") if args.quantize else ["none", *METHODS]
+    if unknown := [q for q in args.quantize if q not in ("none", *METHODS)]:
+        raise UserError(f"--quantize {unknown[0]}: not supported (none or {', '.join(METHODS)})")
+    if args.compile:
+        check_compile_backend(args.compile)
+    if min(args.batch) < 1 or args.new_tokens < 2 or args.repeats < 1 or args.prompt_len < 1:
+        raise UserError("--batch, --prompt_len and --repeats must be >= 1, --new_tokens >= 2")
+    return args
+
+
+def cpu_name() -> str:
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+    except OSError:
+        return "unknown CPU"
+    return next((line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")), "unknown CPU")
+
+
+def bench_decode(argv):
+    args = parse(argv)
+    results = {"machine": f"{cpu_name()}; {machine()}", "device": str(args.device), "rows": [], "latency": [],
+               "transformers": [], "quantization": [], "kernels": []}
+    print(f"{results['machine']}; prompt {args.prompt_len} tokens, {args.new_tokens} new, greedy; "
+          f"decode steps only (the prefill and first token are not timed)\n")
+    bandwidth = {}  # (dtype, quantized) -> GB/s, measured once
+    for name in [args.ckpt] if args.ckpt else args.config.split(","):
+        for dtype in args.dtypes:
+            base = load_model(name, dtype, args)
+            if dtype == args.dtypes[0] and not args.no_kernels:
+                results["kernels"] += kernel_rows(name, base.config, args.device)
+            results["rows"] += speed_rows(name, base, args, bandwidth)
+            prepared = for_decoding(copy.deepcopy(base))  # what sample.py runs
+            if not args.no_latency and base.config.block_size >= 1000 + 33:
+                results["latency"].append(latency_row(name, prepared, args.repeats))
+            hf = None if args.no_hf else compare_with_transformers(base, prepared, args.new_tokens, max(3, args.repeats))
+            if hf:
+                results["transformers"].append({"model": name, **hf})
+                print(f"transformers' generate, batch 1, same weights (identical tokens: {hf['identical_tokens']}): "
+                      f"ours {hf['ours_tokens_per_s']:,.1f} tokens/s, "
+                      f"transformers {hf['transformers_tokens_per_s']:,.1f} ({hf['ratio']:.2f}x)")
+            if args.ckpt:
+                results["quantization"].append(quantization_row(name, base))
+            print()
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=2) + "\n")
+        print(f"results written to {args.json}")
+
+
+def load_model(name: str, dtype, args) -> Transformer:
+    if args.ckpt:
+        from llm.checkpoint import load
+
+        model, _ = load(args.ckpt, device=args.device, dtype=dtype)
+    else:
+        block_size = max(1024, 1000 + 40, args.prompt_len + args.new_tokens)  # room for the latency test
+        model = build_model(name, args.device, dtype, block_size)
+    c = model.config
+    print(f"{name}: {model.num_params() / 1e6:.1f}M parameters ({c.n_layer} layers, d_model {c.d_model}, "
+          f"{c.n_head}/{c.n_kv_head} heads, vocab {c.vocab_size}), {str(dtype).removeprefix('torch.')}")
+    return model
+
+
+def kernel_rows(name: str, config, device) -> list[dict]:
+    rows = [{"model": name, **k} for k in matvec_kernels(config, device)]
+    print("  one matrix-vector product (a layer's weights and the head's), microseconds and GB/s of weights:")
+    for k in rows:
+        print(f"  {k['shape'][0]:>6} x {k['shape'][1]:<5} batch {k['batch']}  {k['kernel']:<24} "
+              f"{k['us']:>9,.0f} us {k['gbps']:>7.1f} GB/s")
+    return rows
+
+
+def speed_rows(name: str, base, args, bandwidth: dict) -> list[dict]:
+    """Decode speed for each quantization, compile setting and batch size, as sample.py runs it."""
+    dtype = next(base.parameters()).dtype
+    print(f"{'quantize':>8} {'compile':>9} {'batch':>5} {'tokens/s':>10} {'ms/step':>8} {'GB/s':>7} "
+          f"{'read GB/s':>9} {'of read':>7}")
+    rows = []
+    for method in args.quantize:
+        model = for_decoding(copy.deepcopy(base), None if method == "none" else method)
+        key = (dtype, method != "none")
+        if key not in bandwidth:
+            bandwidth[key] = read_bandwidth(args.device, dtype, method != "none")
+        for compiled in [None] + [args.compile] * bool(args.compile):
+            step = CompiledStep(compiled) if compiled else decode_one
+            for batch in args.batch:
+                row = {"model": name, "parameters": base.num_params(), "dtype": str(dtype).removeprefix("torch."),
+                       "quantize": method, "compile": compiled or False, "batch": batch, "device": str(args.device),
+                       **measure(model, batch, args.prompt_len, args.new_tokens, step, args.repeats),
+                       "read_bandwidth_gbps": bandwidth[key]}
+                row["percent_of_read"] = 100 * row["achieved_gbps"] / row["read_bandwidth_gbps"]
+                rows.append(row)
+                print(f"{method:>8} {str(compiled or '-'):>9} {batch:>5} {row['tokens_per_s']:>10,.1f} "
+                      f"{row['ms_per_step']:>8.2f} {row['achieved_gbps']:>7.1f} {row['read_bandwidth_gbps']:>9.1f} "
+                      f"{row['percent_of_read']:>6.0f}%", flush=True)
+    return rows
+
+
+def latency_row(name: str, model, repeats: int) -> dict:
+    near, far = (latency(model, n, 32, decode_one, repeats) for n in (50, 1000))
+    print(f"decode latency, batch 1: {near:.2f} ms/token at 50 tokens of context, "
+          f"{far:.2f} at 1000 ({far / near:.2f}x)")
+    return {"model": name, "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
+            "ms_at_50": near, "ms_at_1000": far, "ratio": far / near}
+
+
+def quantization_row(name: str, model) -> dict:
+    dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
+    q = {"model": name, "dtype": dtype, **quantization_quality(model)}
+    print(f"int8 vs {q['dtype']} over {q['tokens']} greedy tokens: max |logit diff| {q['max_abs_logit_diff']:.3g} "
+          f"(logits up to {q['max_abs_logit']:.3g}), argmax agreement {q['teacher_forced_agreement']:.3f}, "
+          f"free-running identical for {q['free_running_identical_tokens']} tokens")
+    return q

@@ -1,0 +1,111 @@
+"""The static decode step: one set of shapes from the first token to the last, exact for every option
+and backend (against a recomputation of each row alone, without cache or padding), compiled once."""
+import json
+
+import pytest
+import torch
+import torch._dynamo
+from safetensors.torch import save_file
+from torch._dynamo.testing import CompileCounter
+
+from llm.generate import CompiledStep, Sampling, decode_one, generate, left_pad
+from llm.kv_cache import KVCache
+from llm.tokenizer import Tokenizer
+from sample import main as sample_main
+from tests.helpers import grid_id, option_grid, tiny_model
+
+GRID = list(option_grid())
+
+
+def static_logits(model, prompts: list[list[int]], new: torch.Tensor) -> torch.Tensor:
+    """Prefill, then the one-token step fed the tokens `new` (B, n): logits (B, n + 1, vocab)."""
+    ids, kv_start = left_pad(prompts, 0, "cpu")
+    cache = KVCache(model.config, len(prompts), ids.size(1) + new.size(1), "cpu", next(model.parameters()).dtype)
+    with torch.no_grad():
+        steps = [model(ids, kv_start=kv_start, cache=cache, last_only=True)[:, -1]]
+        for t in range(new.size(1)):
+            k, v = cache.k.shape, cache.v.shape
+            steps.append(decode_one(model, new[:, t:t + 1], kv_start, cache))
+            assert cache.k.shape == k and cache.v.shape == v  # written in place, never grown
+    assert int(cache.pos) == ids.size(1) + new.size(1)
+    return torch.stack(steps, dim=1)
+
+
+def alone_logits(model, prompt: list[int], new: list[int]) -> torch.Tensor:
+    """The reference: the row by itself, the whole sequence at once, no cache, no padding."""
+    with torch.no_grad():
+        return model(torch.tensor([prompt + new]))[0, len(prompt) - 1:]
+
+
+def random_prompts(lengths) -> list[list[int]]:
+    return [torch.randint(0, 97, (n,)).tolist() for n in lengths]
+
+
+@pytest.mark.parametrize("backend", ["naive", "sdpa"])
+@pytest.mark.parametrize("options", GRID, ids=[grid_id(o) for o in GRID])
+def test_static_step_equals_recomputation(backend, options, seed):
+    model = tiny_model(seed, attention=backend, **options)  # float64: differences are bugs, not rounding
+    prompts = random_prompts(torch.randint(1, 14, (3,)).tolist())
+    new = torch.randint(0, 97, (3, 12))
+    logits = static_logits(model, prompts, new)
+    for row, prompt in enumerate(prompts):
+        torch.testing.assert_close(logits[row], alone_logits(model, prompt, new[row].tolist()), rtol=1e-9, atol=1e-9)
+    greedy = [torch.stack(list(generate(model, prompts, 10, Sampling(temperature=0), use_cache=c)), 1).tolist()
+              for c in (True, False)]
+    assert greedy[0] == greedy[1]
+
+
+def test_static_step_through_the_triton_kernel(seed):
+    """The same steps through our kernel (interpreted on CPU), padding included, against SDPA."""
+    pytest.importorskip("triton")
+    model = tiny_model(seed, attention="triton", dtype=torch.float32, n_layer=1, d_model=64, n_head=4, n_kv_head=2)
+    prompts, new = random_prompts([2, 7]), torch.randint(0, 97, (2, 4))
+    logits = static_logits(model, prompts, new)
+    model.set_attention("sdpa")
+    torch.testing.assert_close(logits, static_logits(model, prompts, new), rtol=1e-5, atol=1e-5)
+
+
+def greedy(model, prompts, n, decode_step=decode_one) -> list[list[int]]:
+    tokens = generate(model, prompts, n, Sampling(temperature=0), decode_step=decode_step)
+    return torch.stack(list(tokens), dim=1).tolist()
+
+
+@pytest.mark.parametrize("options", GRID[::7], ids=[grid_id(o) for o in GRID[::7]])
+def test_decode_step_compiles_once(options, seed):
+    """64 tokens, two generations of the same sizes: one compilation (no recompiling as the sequence grows)."""
+    torch._dynamo.reset()
+    model = tiny_model(seed, dtype=torch.float32, block_size=96, **options)
+    counter = CompileCounter()
+    step = CompiledStep(counter)
+    for lengths in ([5, 9], [9, 2]):
+        prompts = random_prompts(lengths)
+        assert greedy(model, prompts, 64, step) == greedy(model, prompts, 64)
+    assert counter.frame_count == 1 and counter.op_count > 0
+
+
+def test_compile_backend_must_exist(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        sample_main(["--ckpt", "/no/such/run", "--compile", "nonsense"])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and err.count("\n") == 1
+    assert err.startswith("error: --compile nonsense: not a torch.compile backend (available: ") and "inductor" in err
+
+
+def test_compile_failure_is_one_line(tmp_path, capsys):
+    """A backend that fails (as inductor does on a machine without a C++ compiler): one line, exit 2."""
+
+    @torch._dynamo.register_backend(name="fails_for_this_test")
+    def fails(graph, example_inputs):
+        raise RuntimeError("no compiler here\nsecond line")
+
+    tokenizer = Tokenizer.train(["def f(x):\n    return x\n"] * 20, vocab_size=280)
+    model = tiny_model(0, dtype=torch.float32, vocab_size=tokenizer.vocab_size)
+    save_file(model.state_dict(), tmp_path / "model.safetensors")
+    (tmp_path / "config.json").write_text(json.dumps(model.config.__dict__))
+    tokenizer.save(tmp_path / "tokenizer.json")
+    with pytest.raises(SystemExit) as exit_info:
+        sample_main(["--ckpt", str(tmp_path), "--prompt", "x", "--max_new_tokens", "3",
+                     "--compile", "fails_for_this_test"])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and err.count("\n") == 1, err
+    assert err.startswith("error: --compile fails_for_this_test failed (RuntimeError: no compiler here)"), err

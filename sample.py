@@ -6,7 +6,6 @@
     python sample.py --prompt "def " --attention_png attn.png --attention_layer -1 --attention_head 0
     python sample.py --ckpt out --compile --quantize int8             # a compiled decode step, int8 weights
 """
-import argparse
 import re
 import sys
 import time
@@ -14,23 +13,23 @@ import time
 import torch
 
 import llm
-from llm.errors import ArgumentParser, UserError, exit_on_user_error
+from llm.errors import ArgumentParser, HelpFormatter, UserError, exit_on_user_error
 from llm.generate import CompiledStep, Sampling, check_compile_backend, complete, decode_one
 from llm.quantize import METHODS, check_method, for_decoding
 from llm.viz import check_layer_and_head, save_attention_map
 
 
 def parse(argv):
-    p = ArgumentParser(description=__doc__.splitlines()[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = ArgumentParser(description=__doc__.splitlines()[0], formatter_class=HelpFormatter)
     p.add_argument("--ckpt", default="out", help="run directory or Hugging Face Llama directory")
     p.add_argument("--prompt", action="append", help="prompt text, '-' for stdin; repeat for a batch")
     p.add_argument("--prompt_file", action="append", help="a file whose whole text is one prompt; repeatable")
     p.add_argument("--num_samples", type=int, default=1, help="completions per prompt")
-    p.add_argument("--max_new_tokens", type=int, default=200)
+    p.add_argument("--max_new_tokens", type=int, default=200, help="tokens to generate per completion")
     p.add_argument("--temperature", type=float, default=0.8, help="0 is greedy")
     p.add_argument("--top_k", type=int, default=200, help="0 keeps every token")
     p.add_argument("--top_p", type=float, default=1.0, help="nucleus sampling threshold, in (0, 1]")
-    p.add_argument("--seed", type=int, default=1337)
+    p.add_argument("--seed", type=int, default=1337, help="seeds the sampling")
     p.add_argument("--stop", action="append", default=[], help="stop a completion at this string; repeatable")
     p.add_argument("--truncate_prompt", action="store_true", help="drop a too-long prompt's left side instead of failing")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
@@ -45,8 +44,8 @@ def parse(argv):
                    help=f"quantize the weights for decoding: {', '.join(METHODS)} "
                         "(weight-only, one scale per output channel)")
     p.add_argument("--attention_png", help="save a heatmap of one head's attention over the first completion")
-    p.add_argument("--attention_layer", type=int, default=-1)
-    p.add_argument("--attention_head", type=int, default=0)
+    p.add_argument("--attention_layer", type=int, default=-1, help="the layer of --attention_png (negative: from the end)")
+    p.add_argument("--attention_head", type=int, default=0, help="the head of --attention_png")
     args = p.parse_args(argv)
     if args.max_new_tokens < 0 or args.num_samples < 1:
         raise UserError("--max_new_tokens must be >= 0 and --num_samples >= 1")

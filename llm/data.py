@@ -159,6 +159,7 @@ def train_or_load_tokenizer(corpus: Corpus, vocab_size: int, cache_dir: Path, ma
 
 # --- packed token files -----------------------------------------------------------------------
 
+TOKENS_FORMAT = 2  # part of the cache key: caches written by an older layout are not read
 MIN_VAL_DOCS = 10  # fewer validation documents than this, and the split is by tokens instead
 PIECE_CHARS = 1 << 20  # longer documents are encoded in pieces (in parallel, in bounded memory)
 
@@ -190,7 +191,8 @@ def prepare_tokens(corpus: Corpus, tokenizer: Tokenizer, cache_dir: Path, val_fr
     if tokenizer.eot_id is None:
         raise UserError("the tokenizer has no end-of-sequence token to separate documents with "
                         "(name one in a tokenizer_config.json beside its tokenizer.json)")
-    key = hashlib.sha256(f"{corpus.fingerprint}:{tokenizer.fingerprint()}:{val_fraction}".encode()).hexdigest()[:16]
+    key = f"{corpus.fingerprint}:{tokenizer.fingerprint()}:{val_fraction}:{TOKENS_FORMAT}"
+    key = hashlib.sha256(key.encode()).hexdigest()[:16]
     final = cache_dir / "tokens" / key
     if not (final / "meta.json").exists():
         final.parent.mkdir(parents=True, exist_ok=True)

@@ -16,6 +16,7 @@ import torch
 from torch.distributed.tensor import DTensor, distribute_tensor
 
 from llm.config import TrainConfig
+from llm.device import cpu_flags
 
 # The quintic Newton–Schulz coefficients published with Muon (Keller Jordan, 2024): chosen to
 # maximize the slope at zero, so 5 steps push every singular value into roughly [0.7, 1.2]
@@ -76,8 +77,8 @@ class Muon(torch.optim.Optimizer):
     the elementwise work stays sharded, and `orthogonalize` gathers each update once. The
     buffers stay sharded, so torch.distributed.checkpoint saves and reshards them like AdamW's.
 
-    ns_dtype: the precision of Newton–Schulz (float32 on CPU; bfloat16 is the usual choice on
-    GPUs). An attribute, not a group setting, so a checkpoint does not carry it to another device.
+    ns_dtype: the precision of Newton–Schulz (see newton_schulz_dtype). An attribute, not a group
+    setting, so a checkpoint does not carry it to another device.
     """
 
     def __init__(self, params, lr: float = 0.02, momentum: float = 0.95, weight_decay: float = 0.0,
@@ -112,6 +113,15 @@ class Muon(torch.optim.Optimizer):
         return loss
 
 
+def newton_schulz_dtype(device: torch.device) -> torch.dtype:
+    """bf16 where matrix products have it in hardware (CUDA; CPUs with AVX512-BF16 or AMX), as in the
+    published Muon: Newton–Schulz only needs the singular values pushed near 1, and on a 2-core EPYC
+    it took 80 ms per step of the default model in bf16 against 155 ms in fp32 (the step: 800 ms)."""
+    if device.type == "cuda" or cpu_flags() & {"avx512_bf16", "amx_bf16"}:
+        return torch.bfloat16
+    return torch.float32
+
+
 def muon_params(model: torch.nn.Module) -> list[torch.nn.Parameter]:
     """The 2-D weights inside the transformer blocks (through any wrapper: FSDP, checkpointing)."""
     return [p for p in model.layers.parameters() if p.requires_grad and p.dim() == 2]
@@ -132,8 +142,7 @@ def make_optimizers(model: torch.nn.Module, cfg: TrainConfig, device: torch.devi
     fused = device.type in ("cpu", "cuda")
     optimizers = [torch.optim.AdamW([g for g in groups if g["params"]], lr=cfg.lr, fused=fused, foreach=not fused)]
     if matrices:
-        ns_dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-        optimizers.append(Muon(matrices, lr=cfg.muon_lr, ns_dtype=ns_dtype))
+        optimizers.append(Muon(matrices, lr=cfg.muon_lr, ns_dtype=newton_schulz_dtype(device)))
     set_hyperparameters(optimizers, cfg, 1.0)
     return optimizers
 

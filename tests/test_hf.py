@@ -1,6 +1,5 @@
 """Hugging Face interop: Llama directories load into our model and our runs export to one,
 computing the same logits and greedy tokens as transformers' LlamaForCausalLM."""
-import dataclasses
 import json
 import re
 import shutil

@@ -1,10 +1,11 @@
 """Benchmarks that print figures (timings are measured here, never asserted in tests).
 
-    python -m llm.bench train [--config default] [--steps 30] [--key=value ...]
-        tokens/s of train.py's loop against a plain nanoGPT-style loop at the same shapes
-    python -m llm.bench sample [--config default] [--ckpt DIR]
-        tokens/s at batch 1 and 8, prompts of 32 and 512 tokens, with and without the KV cache;
-        decode latency at 50 versus 1000 tokens of context; ours against transformers' generate
+    python -m llm.bench train     training tokens/s of train.py, side by side with nanoGPT's own train.py
+    python -m llm.bench speedrun  wall-clock time and tokens to a validation loss, recipes side by side
+    python -m llm.bench decode    decode tokens/s and memory bandwidth against the machine's, vs transformers
+    python -m llm.bench sample    tokens/s with and without the KV cache, batch 1 and 8, prompts of 32 and 512
+
+Each command's --help (after its name) lists its options.
 """
 import platform
 

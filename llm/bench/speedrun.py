@@ -75,10 +75,12 @@ def summarize(name: str, records: list[dict], target: float) -> dict:
 
 
 def bench_speedrun(argv):
-    extra = ArgumentParser(prog="python -m llm.bench speedrun", add_help=False)
+    extra = ArgumentParser(prog="python -m llm.bench speedrun", description=__doc__.split("\n\n")[0],
+                           epilog="Any train.py setting is accepted too: --config NAME and --key=value "
+                                  "(python train.py --help lists them).")
     extra.add_argument("--target", type=float, required=True, help="validation loss to reach")
     extra.add_argument("--recipe", action="append", help="name or name:key=value,...; repeat (default: baseline, config)")
-    extra.add_argument("--eval_interval", type=int, default=25)
+    extra.add_argument("--eval_interval", type=int, default=25, help="steps between evaluations (default 25)")
     extra.add_argument("--json", type=Path)
     known, rest = extra.parse_known_args(argv)
     config, common = parse_args(rest, "python -m llm.bench speedrun")

@@ -102,10 +102,12 @@ def _cuda() -> bool:
 
 
 def bench_train(argv):
-    extra = ArgumentParser(prog="python -m llm.bench train", add_help=False)
-    extra.add_argument("--steps", type=int, default=30)
-    extra.add_argument("--repeats", type=int, default=1)
-    extra.add_argument("--peer", choices=["none", "nanogpt"], default="none")
+    extra = ArgumentParser(prog="python -m llm.bench train", description=__doc__.split("\n\n")[0],
+                           epilog="Any train.py setting is accepted too: --config NAME and --key=value "
+                                  "(python train.py --help lists them).")
+    extra.add_argument("--steps", type=int, default=30, help="steps per run; the second half is timed (default 30)")
+    extra.add_argument("--repeats", type=int, default=1, help="runs of each side, alternating (default 1)")
+    extra.add_argument("--peer", choices=["none", "nanogpt"], default="none", help="what to run beside ours")
     extra.add_argument("--nanogpt", type=Path, help="a checkout of karpathy/nanoGPT (for --peer nanogpt)")
     extra.add_argument("--json", type=Path, help="also write the figures here as JSON")
     known, rest = extra.parse_known_args(argv)

@@ -14,6 +14,7 @@ written in place at a position held in a tensor, and attention reads all of it u
 mask. So the step compiles once (`CompiledStep`) and, on CUDA, replays as a CUDA graph.
 """
 import time
+import types
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
@@ -91,7 +92,11 @@ class CompiledStep:
     stream as capture requires) and replayed after that, with no per-kernel launch cost."""
 
     def __init__(self, backend="inductor"):
-        self.step = torch.compile(decode_one, backend=backend, fullgraph=True, dynamic=False)
+        # Dynamo keeps compiled code, and its limit of 8 recompilations, per code object: each
+        # CompiledStep compiles its own copy of decode_one, so a process that decodes with many
+        # models, dtypes or batch sizes never reaches the limit (a hard error under fullgraph).
+        step = types.FunctionType(decode_one.__code__.replace(), decode_one.__globals__, decode_one.__name__)
+        self.step = torch.compile(step, backend=backend, fullgraph=True, dynamic=False)
         self.inputs = None  # the generation the graph belongs to: (model, kv_start, cache)
         self.graph = None
         self.compile_seconds = None  # how long the first call took (it compiles)

@@ -16,7 +16,7 @@ import torch
 from torch.distributed.tensor import DTensor, distribute_tensor
 
 from llm.config import TrainConfig
-from llm.device import cpu_flags
+from llm.device import native_bf16
 
 # The quintic Newton–Schulz coefficients published with Muon (Keller Jordan, 2024): chosen to
 # maximize the slope at zero, so 5 steps push every singular value into roughly [0.7, 1.2]
@@ -117,9 +117,7 @@ def newton_schulz_dtype(device: torch.device) -> torch.dtype:
     """bf16 where matrix products have it in hardware (CUDA; CPUs with AVX512-BF16 or AMX), as in the
     published Muon: Newton–Schulz only needs the singular values pushed near 1, and on a 2-core EPYC
     it took 80 ms per step of the default model in bf16 against 155 ms in fp32 (the step: 800 ms)."""
-    if device.type == "cuda" or cpu_flags() & {"avx512_bf16", "amx_bf16"}:
-        return torch.bfloat16
-    return torch.float32
+    return torch.bfloat16 if native_bf16(device) else torch.float32
 
 
 def muon_params(model: torch.nn.Module) -> list[torch.nn.Parameter]:

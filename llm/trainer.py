@@ -26,7 +26,7 @@ from llm.eval import bits_per_byte, target_bytes
 from llm.metrics import MetricsLog, flops_per_token, peak_flops
 from llm.model import Transformer
 from llm.optim import lr_multiplier, make_optimizers, set_hyperparameters
-from llm.device import keep_freed_memory, training_dtype
+from llm.device import bf16_speedup, keep_freed_memory, training_dtype
 from llm.tokenizer import Tokenizer
 
 
@@ -179,6 +179,25 @@ def train_step(model, train_model, optimizers, batches, step, autocast, loss_sum
     return grad_norm, ok
 
 
+def choose_dtype(setting: str, saved: str | None, model, batch_size: int, block_size: int, d: Dist) -> torch.dtype:
+    """--dtype, with `auto` decided once per run (llm/device.py): a resumed run keeps the dtype it
+    trained in. Where `auto` measures, every rank uses the mean of their measurements."""
+    if setting == "auto" and saved is not None:
+        return getattr(torch, saved)
+    measured = []
+
+    def probe() -> float:
+        speedup = sum_across_ranks(torch.tensor([bf16_speedup(model, min(batch_size, 4), block_size)]), d)
+        measured.append(speedup.item() / d.world_size)
+        return measured[0]
+
+    dtype = training_dtype(setting, d.device, probe=probe)
+    if measured and d.is_main:
+        print(f"dtype auto: a forward and backward ran {measured[0]:.2f}x as fast in bfloat16 as in float32 "
+              f"here, so {str(dtype).removeprefix('torch.')}")
+    return dtype
+
+
 def train(run: RunConfig) -> int:
     """Train to max_steps; returns the process exit status (128 + signal number if interrupted)."""
     keep_freed_memory()
@@ -213,8 +232,8 @@ def _train(run: RunConfig, d: Dist, stop: StopSignal) -> int:
         model = Transformer(run.model, rt.attention, cfg.dropout)
     n_params = model.num_params()
     flops = flops_per_token(model)
-    dtype = training_dtype(rt.dtype, d.device)
     model.to(d.device)
+    dtype = choose_dtype(rt.dtype, trainer_state.get("dtype"), model, cfg.batch_size, run.model.block_size, d)
     if d.device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
@@ -248,7 +267,7 @@ def _train(run: RunConfig, d: Dist, stop: StopSignal) -> int:
 
     def save(step):
         state = {"tokens_seen": tokens_seen, "skipped_steps": skipped, "train_seconds": clock.read(),
-                 "wandb_id": metrics.wandb_id}
+                 "wandb_id": metrics.wandb_id, "dtype": str(dtype).removeprefix("torch.")}
         checkpoint.save(out, step, model, optimizers, tokenizer, run, d, state)
         if d.is_main:
             launch.drop_old_runs(out)

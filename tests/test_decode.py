@@ -83,6 +83,18 @@ def test_decode_step_compiles_once(options, seed):
     assert counter.frame_count == 1 and counter.op_count > 0
 
 
+def test_many_compiled_generations_in_one_process(seed):
+    """Dynamo allows 8 compilations per code object: twelve models and batch sizes, each with its
+    own CompiledStep, all compile (with fullgraph, the ninth would be a hard error on one shared step)."""
+    torch._dynamo.reset()
+    for i in range(12):
+        model = tiny_model(seed + i, dtype=torch.float32, block_size=32)
+        prompts = random_prompts([3] * (1 + i % 4))
+        counter = CompileCounter()
+        assert greedy(model, prompts, 4, CompiledStep(counter)) == greedy(model, prompts, 4)
+        assert counter.frame_count == 1
+
+
 def test_compile_backend_must_exist(capsys):
     with pytest.raises(SystemExit) as exit_info:
         sample_main(["--ckpt", "/no/such/run", "--compile", "nonsense"])

@@ -1,15 +1,15 @@
 """The machine, used fast: --dtype auto picks bf16 only where it is fast; freed memory is kept for reuse."""
-import torch
-
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+import torch
 
-from llm.device import cpu_flags, training_dtype
+from llm.device import bf16_speedup, cpu_flags, cpu_name, training_dtype
+from tests.helpers import tiny_model
 
-CPUINFO = "processor\t: 0\nvendor_id\t: {vendor}\nflags\t\t: fpu sse2 avx2 avx512f {extra}\nbogomips\t: 4000\n"
+CPUINFO = "processor\t: 0\nvendor_id\t: {vendor}\nmodel name\t: Test CPU 9000 @ 3.0GHz\nflags\t\t: fpu sse2 avx2 avx512f {extra}\nbogomips\t: 4000\n"
 
 
 def test_cpu_flags_are_read_from_cpuinfo(tmp_path):
@@ -17,6 +17,8 @@ def test_cpu_flags_are_read_from_cpuinfo(tmp_path):
     path.write_text(CPUINFO.format(vendor="GenuineIntel", extra="avx512_bf16 amx_bf16 amx_tile"))
     assert {"avx512f", "avx512_bf16", "amx_bf16", "amx_tile"} <= cpu_flags(path)
     assert cpu_flags(tmp_path / "missing") == set()  # not Linux, or no /proc: no flags, no error
+    assert cpu_name(path) == "Test CPU 9000 @ 3.0GHz"
+    assert cpu_name(tmp_path / "missing") == "unknown CPU"
 
 
 def test_auto_picks_bf16_only_with_amx_on_cpu():
@@ -27,6 +29,36 @@ def test_auto_picks_bf16_only_with_amx_on_cpu():
     assert training_dtype("auto", torch.device("cuda")) == torch.bfloat16
     assert training_dtype("bfloat16", cpu, set()) == torch.bfloat16  # an explicit choice is kept
     assert training_dtype("float32", torch.device("cuda")) == torch.float32
+
+
+def test_auto_measures_where_the_flags_leave_it_open():
+    """AVX512-BF16 without AMX: bf16 only if the probe finds it at least 1.1x faster; elsewhere
+    the flags decide and the probe is never run."""
+    cpu, calls = torch.device("cpu"), []
+
+    def probe(speedup):
+        return lambda: calls.append(speedup) or speedup
+
+    assert training_dtype("auto", cpu, {"avx512_bf16"}, probe(1.45)) == torch.bfloat16
+    assert training_dtype("auto", cpu, {"avx512_bf16"}, probe(1.05)) == torch.float32  # a near tie
+    assert training_dtype("auto", cpu, {"avx512_bf16"}, probe(0.58)) == torch.float32
+    assert len(calls) == 3
+    assert training_dtype("auto", cpu, {"avx512_bf16", "amx_bf16"}, probe(0.5)) == torch.bfloat16
+    assert training_dtype("auto", cpu, {"avx2"}, probe(9.0)) == torch.float32
+    assert training_dtype("float32", cpu, {"avx512_bf16"}, probe(9.0)) == torch.float32
+    assert training_dtype("auto", torch.device("cuda"), set(), probe(0.1)) == torch.bfloat16
+    assert len(calls) == 3
+
+
+def test_bf16_probe_leaves_the_model_as_it_was(seed):
+    model = tiny_model(seed, dtype=torch.float32).train()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    rng = torch.get_rng_state()
+    speedup = bf16_speedup(model, rows=2, block_size=16, repeats=1)
+    assert speedup > 0 and speedup != float("inf")
+    assert model.training and all(p.grad is None for p in model.parameters())
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert torch.equal(rng, torch.get_rng_state())  # the run's random stream is untouched
 
 
 PAGE_FAULTS = """

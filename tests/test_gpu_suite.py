@@ -33,10 +33,9 @@ def test_dry_run(tmp_path):
     summary = (out / "summary.txt").read_text().splitlines()
     status = {line.split()[0]: line.split()[2] for line in summary}
     assert set(status) == {"0", "1a", "1b", "2", "3a", "3b", "3c", "3d", "4a", "5a"}, summary
-    for step in ("0", "1a", "1b", "2", "3a", "3b", "3c", "3d"):
-        assert status[step] == "ok", (step, result.stdout[-3000:])
-    # Steps 4 and 5 call python -m llm.bench train/decode, built elsewhere: recorded either way.
-    assert result.returncode == (0 if set(status.values()) == {"ok"} else 1), result.stdout[-2000:]
+    for step, state in status.items():
+        assert state == "ok", (step, result.stdout[-3000:])
+    assert result.returncode == 0, result.stdout[-2000:]
     assert "summary (" in result.stdout
 
     assert "torch" in (out / "versions.txt").read_text()

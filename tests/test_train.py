@@ -414,3 +414,16 @@ def test_consecutive_bad_steps_stop_the_run_and_keep_the_checkpoint(corpus, cach
     ckpt = checkpoint.latest(out)
     assert ckpt.name == "ckpt-0000004"  # step 4 (skipped, weights still good) was the last save
     assert all(torch.isfinite(w).all() for w in weights(out).values())
+
+
+@pytest.mark.parametrize("first", ["float32", "bfloat16"])
+def test_resumed_run_keeps_the_dtype_auto_would_decide_again(corpus, cache_dir, tmp_path, capsys, first):
+    """--dtype auto may measure (llm/device.py); a resumed run does not measure again but keeps the
+    dtype it trained in, whichever that was and whatever this machine would pick now."""
+    out = tmp_path / "run"
+    assert main(args(corpus, cache_dir, out, "--max_steps", "2", "--dtype", first)) == 0
+    capsys.readouterr()
+    assert main(args(corpus, cache_dir, out, "--max_steps", "4", "--dtype", "auto", "--resume")) == 0
+    printed = capsys.readouterr().out
+    assert f"dtype: torch.{first}" in printed and "dtype auto:" not in printed
+    assert json.loads((out / "checkpoint" / "trainer.json").read_text())["dtype"] == first

@@ -7,15 +7,20 @@
 
 Each command's --help (after its name) lists its options.
 """
-import platform
-
 import torch
+
+from llm.device import cpu_flags, cpu_name
+
+CPU_FLAGS = ("avx512_bf16", "amx_bf16")  # the ones that decide bf16's speed (llm/device.py)
 
 
 def machine() -> str:
+    """The device the figures come from: the GPU, or the CPU with its threads and bf16 flags."""
     if torch.cuda.is_available():
         return f"{torch.cuda.get_device_name()}, torch {torch.__version__}"
-    return f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}"
+    flags = cpu_flags()
+    bf16 = ", ".join(f"{f} {'yes' if f in flags else 'no'}" for f in CPU_FLAGS)
+    return f"{cpu_name()}, {torch.get_num_threads()} threads ({bf16}), torch {torch.__version__}"
 
 
 def sync(device):

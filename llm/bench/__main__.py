@@ -1,4 +1,4 @@
-"""python -m llm.bench {train,sample,decode} [options]: see llm/bench/__init__.py."""
+"""python -m llm.bench {train,speedrun,sample,decode} [options]: see llm/bench/__init__.py."""
 import sys
 
 from llm.errors import UserError, exit_on_user_error

@@ -23,23 +23,13 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from llm.bench import machine, sync
+from llm.device import native_bf16
 from llm.errors import ArgumentParser, UserError
 from llm.generate import CompiledStep, Sampling, check_compile_backend, decode_one, generate
 from llm.model import Transformer
 from llm.quantize import METHODS, Int8Linear, TransposedLinear, for_decoding
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-def native_bf16(device: torch.device) -> bool:
-    """bf16 arithmetic in hardware: CUDA, or a CPU with AVX-512 BF16 or AMX."""
-    if device.type == "cuda":
-        return True
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
 def build_model(name: str, device, dtype, block_size: int) -> Transformer:
@@ -259,17 +249,9 @@ def parse(argv):
     return args
 
 
-def cpu_name() -> str:
-    try:
-        lines = Path("/proc/cpuinfo").read_text().splitlines()
-    except OSError:
-        return "unknown CPU"
-    return next((line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")), "unknown CPU")
-
-
 def bench_decode(argv):
     args = parse(argv)
-    results = {"machine": f"{cpu_name()}; {machine()}", "device": str(args.device), "rows": [], "latency": [],
+    results = {"machine": machine(), "device": str(args.device), "rows": [], "latency": [],
                "transformers": [], "quantization": [], "kernels": []}
     print(f"{results['machine']}; prompt {args.prompt_len} tokens, {args.new_tokens} new, greedy; "
           f"decode steps only (the prefill and first token are not timed)\n")

@@ -1,7 +1,9 @@
 """python -m llm.bench train: training tokens/s of train.py, side by side with nanoGPT's own train.py.
 
     python -m llm.bench train [--config default] [--steps 30] [--repeats 3] [--json PATH] [--key=value ...]
-    python -m llm.bench train --peer nanogpt --nanogpt ~/nanoGPT --config nanogpt-shapes ...
+    python -m llm.bench train --peer nanogpt --nanogpt ~/nanoGPT --vocab_size 8192 --n_layer 4 --n_head 4 \
+        --n_kv_head 4 --d_model 256 --batch_size 8 --norm layernorm --ffn gelu --pos_embedding learned \
+        --bias false --dtype float32 --steps 40 --repeats 5        # nanoGPT's own architecture
 
 Ours is train.py's loop itself (data windows, logging, the non-finite check: everything a step
 does), in this process. The peer is karpathy/nanoGPT's train.py, run from a checkout given with
@@ -24,7 +26,7 @@ import numpy as np
 
 from llm.bench import machine
 from llm.checkpoint import latest
-from llm.config import flatten, parse_args
+from llm.config import flatten, parse_args, resolve
 from llm.data import open_corpus, prepare_tokens
 from llm.errors import ArgumentParser, UserError
 from llm.tokenizer import Tokenizer
@@ -117,6 +119,8 @@ def bench_train(argv):
     if known.peer == "nanogpt" and known.nanogpt is None:
         raise UserError("--peer nanogpt needs --nanogpt DIR, a checkout of https://github.com/karpathy/nanoGPT")
     name = name or "default"
+    if known.peer == "nanogpt" and resolve(name, overrides).train.optimizer != "adamw":
+        raise UserError("nanoGPT trains with AdamW: compare at --optimizer adamw")
     mine, peer, token_dirs = [], [], []
     with tempfile.TemporaryDirectory() as work:
         for i in range(known.repeats):

@@ -16,7 +16,6 @@ import torch
 from torch.distributed.tensor import DTensor, distribute_tensor
 
 from llm.config import TrainConfig
-from llm.device import native_bf16
 
 # The quintic Newton–Schulz coefficients published with Muon (Keller Jordan, 2024): chosen to
 # maximize the slope at zero, so 5 steps push every singular value into roughly [0.7, 1.2]
@@ -77,7 +76,7 @@ class Muon(torch.optim.Optimizer):
     the elementwise work stays sharded, and `orthogonalize` gathers each update once. The
     buffers stay sharded, so torch.distributed.checkpoint saves and reshards them like AdamW's.
 
-    ns_dtype: the precision of Newton–Schulz (see newton_schulz_dtype). An attribute, not a group
+    ns_dtype: the precision of Newton–Schulz (see make_optimizers). An attribute, not a group
     setting, so a checkpoint does not carry it to another device.
     """
 
@@ -113,21 +112,21 @@ class Muon(torch.optim.Optimizer):
         return loss
 
 
-def newton_schulz_dtype(device: torch.device) -> torch.dtype:
-    """bf16 where matrix products have it in hardware (CUDA; CPUs with AVX512-BF16 or AMX), as in the
-    published Muon: Newton–Schulz only needs the singular values pushed near 1, and on a 2-core EPYC
-    it took 80 ms per step of the default model in bf16 against 155 ms in fp32 (the step: 800 ms)."""
-    return torch.bfloat16 if native_bf16(device) else torch.float32
-
-
 def muon_params(model: torch.nn.Module) -> list[torch.nn.Parameter]:
     """The 2-D weights inside the transformer blocks (through any wrapper: FSDP, checkpointing)."""
     return [p for p in model.layers.parameters() if p.requires_grad and p.dim() == 2]
 
 
-def make_optimizers(model: torch.nn.Module, cfg: TrainConfig, device: torch.device) -> list[torch.optim.Optimizer]:
+def make_optimizers(model: torch.nn.Module, cfg: TrainConfig, device: torch.device,
+                    compute_dtype: torch.dtype = torch.float32) -> list[torch.optim.Optimizer]:
     """AdamW (weight decay on 2-D parameters only), plus Muon for the blocks' matrices when
     cfg.optimizer is "muon". Hyperparameters come from cfg; set_hyperparameters re-applies them.
+
+    Muon's Newton–Schulz iterates in the run's compute dtype: bf16 for a bf16 run, as in the
+    published Muon (it only needs the singular values pushed near 1, and on a 2-core EPYC it took
+    80 ms per step of the default model against 155 ms in fp32), fp32 otherwise, so that an fp32
+    run on 2 FSDP processes stays within rounding of 1 process (bf16 would amplify the different
+    order of their gradient reductions).
 
     AdamW is fused on CPU as on CUDA: for the default 4M-parameter model on a 2-core CPU (one
     thread) a fused step took a fifth of foreach's time (2.3 against 12 ms; 6 against 32 ms
@@ -140,7 +139,8 @@ def make_optimizers(model: torch.nn.Module, cfg: TrainConfig, device: torch.devi
     fused = device.type in ("cpu", "cuda")
     optimizers = [torch.optim.AdamW([g for g in groups if g["params"]], lr=cfg.lr, fused=fused, foreach=not fused)]
     if matrices:
-        optimizers.append(Muon(matrices, lr=cfg.muon_lr, ns_dtype=newton_schulz_dtype(device)))
+        ns_dtype = torch.bfloat16 if compute_dtype == torch.bfloat16 else torch.float32
+        optimizers.append(Muon(matrices, lr=cfg.muon_lr, ns_dtype=ns_dtype))
     set_hyperparameters(optimizers, cfg, 1.0)
     return optimizers
 

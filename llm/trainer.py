@@ -238,7 +238,7 @@ def _train(run: RunConfig, d: Dist, stop: StopSignal) -> int:
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
     parallelize(model, d, dtype if dtype != torch.float32 else None, rt.activation_checkpointing)
-    optimizers = make_optimizers(model, cfg, d.device)
+    optimizers = make_optimizers(model, cfg, d.device, dtype)
     if ckpt is not None:
         checkpoint.load_training_state(ckpt, model, optimizers)
     train_model = torch.compile(model) if rt.compile else model

@@ -74,6 +74,25 @@ def test_rope_depends_only_on_offset(seed):
     assert math.isclose(score(5, 5), (q * k).sum().item(), rel_tol=1e-4)  # offset 0: rotation preserves q·k
 
 
+def test_rope_backward_is_the_formulas_gradient(seed):
+    """The hand-written backward (rotation by the opposite angle) against autograd of
+    x·cos + rotate_half(x)·sin, in float64, for per-position and per-row tables."""
+    g = torch.Generator().manual_seed(seed)
+    cos, sin = rope_cache(32, 8, 10000.0)
+    for positions in (torch.arange(5, 12), torch.randint(0, 32, (2, 7), generator=g)):
+        c, s = cos.double()[positions], sin.double()[positions]
+        if positions.dim() == 2:
+            c, s = c[:, None], s[:, None]
+        x = torch.randn(2, 3, 7, 8, dtype=torch.float64, generator=g, requires_grad=True)
+        upstream = torch.randn(2, 3, 7, 8, dtype=torch.float64, generator=g)
+        (grad,) = torch.autograd.grad((apply_rope(x, c, s) * upstream).sum(), x)
+        x1, x2 = x.chunk(2, dim=-1)
+        formula = x * c + torch.cat([-x2, x1], dim=-1) * s
+        (expected,) = torch.autograd.grad((formula * upstream).sum(), x)
+        torch.testing.assert_close(apply_rope(x, c, s), formula)
+        torch.testing.assert_close(grad, expected)
+
+
 def test_rope_is_rotate_half():
     """x·cos + rotate_half(x)·sin with the Hugging Face Llama frequencies, written out by hand."""
     head_dim, pos, theta = 8, 3, 500.0

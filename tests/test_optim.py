@@ -141,6 +141,13 @@ def test_muon_gets_the_block_matrices_and_adamw_the_rest(options):
     assert names_by_optimizer(model, adamw) == {"AdamW": sorted(n for n, _ in model.named_parameters())}
 
 
+def test_newton_schulz_iterates_in_the_runs_compute_dtype():
+    model, cpu = tiny_model(dtype=torch.float32), torch.device("cpu")
+    cfg = TrainConfig(optimizer="muon")
+    assert make_optimizers(model, cfg, cpu)[1].ns_dtype == torch.float32
+    assert make_optimizers(model, cfg, cpu, torch.bfloat16)[1].ns_dtype == torch.bfloat16
+
+
 def test_weight_decay_only_on_two_dimensional_adamw_parameters():
     model = tiny_model(dtype=torch.float32, tie_embeddings=False, bias=True)
     cfg = TrainConfig(optimizer="muon", weight_decay=0.3)

@@ -281,8 +281,9 @@ def _train(run: RunConfig, d: Dist, stop: StopSignal) -> int:
     step = start_step
     stop.arm()
     while step < cfg.max_steps:
-        lr = cfg.lr * lr_multiplier(step, cfg)
-        set_hyperparameters(optimizers, cfg, lr_multiplier(step, cfg))
+        multiplier = lr_multiplier(step, cfg)
+        lr = cfg.lr * multiplier
+        set_hyperparameters(optimizers, cfg, multiplier)
         grad_norm, ok = train_step(model, train_model, optimizers, batches, step, autocast, loss_sum, cfg, d)
         step += 1
         tokens_seen += tokens_per_step

@@ -60,6 +60,8 @@ def run_recipe(config: str, settings: dict, eval_interval: int) -> list[dict]:
                     "eval_iters": VALIDATION_WINDOWS // batch, "ckpt_interval": 10**9}
         flags = [f"--{k}={'none' if v is None else str(v).lower() if isinstance(v, bool) else v}" for k, v in settings.items()]
         result = subprocess.run([sys.executable, str(ROOT / "train.py"), "--config", config, *flags])
+        if result.returncode == 130:  # Ctrl-C: train.py saved a checkpoint in a folder that goes now
+            raise UserError("interrupted: no figures for this recipe")
         if result.returncode != 0:
             raise UserError(f"the recipe's training failed (exit status {result.returncode})")
         return [json.loads(line) for line in (Path(out) / "metrics.jsonl").read_text().splitlines()]

@@ -11,6 +11,7 @@ Every setting in llm/config.py is a flag; `python train.py --help` lists them.
 import sys
 
 from llm.config import LaunchConfig, parse_args
+from llm.distributed import exit_process
 from llm.errors import exit_on_user_error
 from llm.launch import configure
 from llm.trainer import train
@@ -26,4 +27,8 @@ def main(argv: list[str]) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))
+    try:
+        status = main(sys.argv[1:])
+    except SystemExit as e:  # bad input or Ctrl-C, already said in one line
+        status = e.code
+    exit_process(status)

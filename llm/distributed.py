@@ -6,6 +6,7 @@ Without torchrun there is no process group and every helper here is a no-op, so
 one training loop serves both.
 """
 import os
+import sys
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -55,6 +56,24 @@ def setup(device_name: str = "auto") -> Dist:
 def teardown():
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
+
+
+def exit_process(status: int | str | None):
+    """sys.exit(status), except in a torchrun worker: there the process ends without the interpreter's teardown.
+
+    FSDP2's DTensor caches keep the process group, and gloo's threads, alive after
+    destroy_process_group; destroying them while the interpreter shuts down aborted a finished,
+    saved run once in CI ("terminate called without an active exception", SIGABRT, exit -6).
+    By the time this runs every rank has passed the final barrier and closed its files.
+    """
+    if "RANK" not in os.environ:
+        sys.exit(status)
+    if isinstance(status, str):  # what sys.exit would print
+        print(status, file=sys.stderr)
+        status = 1
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(status or 0)
 
 
 def parallelize(model: nn.Module, d: Dist, param_dtype: torch.dtype | None, activation_checkpointing: bool) -> nn.Module:

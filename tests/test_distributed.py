@@ -5,6 +5,7 @@ Tolerance: fp32, losses within 1e-5 relative and weights within 1e-5 relative / 
 machine the two runs come out bit-identical.)
 """
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -154,3 +155,16 @@ def test_muon_state_is_sharded_and_reshards(corpus, cache_dir, tmp_path):
     for step in a:
         assert a[step] == pytest.approx(b[step], rel=1e-5), step
     assert_same_weights(tmp_path / "two", tmp_path / "one")
+
+
+@pytest.mark.parametrize("rank", [None, "1"])
+def test_a_torchrun_worker_exits_without_interpreter_teardown(rank):
+    """Exit status and flushed output always; atexit (and with it gloo's teardown) only outside torchrun."""
+    program = ("import atexit, sys; from llm.distributed import exit_process\n"
+               "atexit.register(lambda: print('teardown'))\n"
+               "print('last words', end=''); print('on stderr', file=sys.stderr, end=''); exit_process(3)")
+    env = {k: v for k, v in os.environ.items() if k != "RANK"} | ({"RANK": rank} if rank else {})
+    result = subprocess.run([sys.executable, "-c", program], cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 3
+    assert result.stdout.startswith("last words") and result.stderr == "on stderr"
+    assert ("teardown" in result.stdout) == (rank is None)

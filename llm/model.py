@@ -65,15 +65,22 @@ class Attention(nn.Module):
 
 
 class FeedForward(nn.Module):
-    """SwiGLU: w2(silu(w1 x) * w3 x), or GELU: w2(gelu(w1 x))."""
+    """SwiGLU: w2(silu(w1 x) * w3 x), or GELU: w2(gelu(w1 x)).
+
+    For decoding, llm.quantize.for_decoding replaces w1 and w3 by w13, both stacked: one
+    matrix-vector product reads them in one stream instead of two."""
 
     def __init__(self, config: ModelConfig):
         super().__init__()
         self.w1 = nn.Linear(config.d_model, config.ffn_hidden, bias=config.bias)
         self.w2 = nn.Linear(config.ffn_hidden, config.d_model, bias=config.bias)
         self.w3 = nn.Linear(config.d_model, config.ffn_hidden, bias=config.bias) if config.ffn == "swiglu" else None
+        self.w13 = None
 
     def forward(self, x):
+        if self.w13 is not None:
+            gate, up = self.w13(x).chunk(2, dim=-1)
+            return self.w2(F.silu(gate) * up)
         if self.w3 is None:
             return self.w2(F.gelu(self.w1(x), approximate="tanh"))
         return self.w2(F.silu(self.w1(x)) * self.w3(x))

@@ -16,7 +16,8 @@ matrix-vector products stream their weights. Two formats, chosen by `for_decodin
   convert the weight inside the matmul (which torch.compile fuses on GPU). torchao 0.18's
   Int8WeightOnlyConfig, timed the same way, dequantizes in eager mode and was 3-5x slower.
 
-The output head is converted too (with tied embeddings, a converted copy; the lookup stays as it is).
+The output head is converted too (with tied embeddings, a converted copy; the lookup stays as it is),
+and SwiGLU's gate and up projections become one stacked layer (llm.model.FeedForward).
 """
 import torch
 import torch.nn as nn
@@ -74,6 +75,12 @@ def for_decoding(model: nn.Module, quantize: str | None = None) -> nn.Module:
     if quantize is not None:
         check_method(quantize)
     convert = Int8Linear if quantize == "int8" else TransposedLinear
+    for block in model.layers:  # SwiGLU's gate and up projections, stacked: one product instead of two
+        ffn = block.feed_forward
+        if ffn.w3 is not None:
+            bias = None if ffn.w1.bias is None else torch.cat([ffn.w1.bias, ffn.w3.bias])
+            ffn.w13 = convert(torch.cat([ffn.w1.weight, ffn.w3.weight]), bias)
+            ffn.w1 = ffn.w3 = None
     for module in list(model.modules()):
         for name, child in module.named_children():
             if isinstance(child, nn.Linear):

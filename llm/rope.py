@@ -44,4 +44,7 @@ class _Rope(torch.autograd.Function):
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """x: (B, H, T, D); cos, sin: (T, D) or (B, 1, T, D), already indexed by position."""
-    return _Rope.apply(x, cos.to(x.dtype), sin.to(x.dtype))
+    cos, sin = cos.to(x.dtype), sin.to(x.dtype)
+    if not (x.requires_grad and torch.is_grad_enabled()):  # decoding: no autograd node to build
+        return rotate(x, cos, sin)
+    return _Rope.apply(x, cos, sin)

@@ -46,6 +46,8 @@ def test_transposed_layout_computes_the_same(options, seed):
         reference = model(x)
         for_decoding(model)
         assert not any(isinstance(m, nn.Linear) for m in model.modules()) and isinstance(model.output, TransposedLinear)
+        stacked = [block.feed_forward.w13 is not None for block in model.layers]
+        assert stacked == [model.config.ffn == "swiglu"] * len(stacked)
         torch.testing.assert_close(model(x), reference, rtol=1e-12, atol=1e-12)
 
 

@@ -251,8 +251,8 @@ def test_hugging_face_llama_directory(tmp_path, capsys, seed):
 def small_run(tmp_path_factory):
     tokenizer = TOKENIZERS["byte-level"]
     path = tmp_path_factory.mktemp("eval")
-    run = write_run(path / "run", tiny_model(0, dtype=torch.float32, vocab_size=tokenizer.vocab_size, block_size=32),
-                    tokenizer)
+    write_run(path / "run", tiny_model(0, dtype=torch.float32, vocab_size=tokenizer.vocab_size, block_size=32),
+              tokenizer)
     write_documents(path / "data", DOCUMENTS)
     (path / "empty").mkdir()
     (path / "empty" / "a.txt").write_text("")

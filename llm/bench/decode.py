@@ -122,7 +122,6 @@ def decode_seconds(model, prompts, new_tokens: int, step) -> float:
 
 
 def measure(model, batch: int, prompt_len: int, new_tokens: int, step, repeats: int) -> dict:
-    device = next(model.parameters()).device
     prompts = torch.randint(0, model.config.vocab_size, (batch, prompt_len)).tolist()
     decode_seconds(model, prompts, new_tokens, step)  # warm up (and compile)
     seconds = statistics.median(decode_seconds(model, prompts, new_tokens, step) for _ in range(repeats))

@@ -1,11 +1,16 @@
 """Weights for decoding: each linear layer in the format a one-token step reads fastest.
 
 Decoding reads every weight once per token, so its speed is memory bandwidth, and how fast the
-matrix-vector products stream their weights. Two formats, chosen by `for_decoding`:
+matrix-vector products stream their weights. The formats, chosen by `for_decoding`:
 
-- float, stored transposed, (in, out): y = x @ Wᵀ reads it as one contiguous stream. On the 2-core
-  AVX-512 EPYC this was built on (MKL 2024.2), that is 1.3-1.4x faster than F.linear on the
-  (out, in) layout at batch 1, and as fast at batch 8; the logits are the same up to rounding.
+- float on CPU (fp32, and bf16 where the CPU has it), eager: packed once into oneDNN's own blocked
+  layout and multiplied by oneDNN (the kernels PyTorch's inductor uses for frozen CPU weights). On the
+  2-core AVX-512 EPYC this was built on, a llama-small layer stack streamed its fp32 weights at
+  1.1-1.6x the rate of MKL on the transposed layout at batch 1 and 3x at batch 8 (bf16: 1.3-1.7x).
+  A oneDNN call costs about 15 us more, so in fp32 only matrices of 2 MB and more are packed. The packed weight is an opaque tensor that inductor cannot take as an input, so a
+  step compiled for the CPU (`compiled=True`) gets the next format instead.
+- float otherwise, stored transposed, (in, out): y = x @ Wᵀ reads it as one contiguous stream,
+  1.3-1.4x faster than F.linear on the (out, in) layout at batch 1 on that EPYC (MKL 2024.2).
 - int8 (`quantize="int8"`), a quarter of fp32's bytes: each output channel (row) w is stored as
   q = round(w / s), s = max|w| / 127 (symmetric, per channel), and the scale applies after the
   matmul: y = (x @ qᵀ) · s + bias. On CPU the matmul is PyTorch's own int8 weight-only kernel,
@@ -27,6 +32,9 @@ from llm.errors import UserError
 
 METHODS = ("int8",)
 KERNEL_DTYPE = torch.bfloat16  # activations through aten._weight_int8pack_mm on CPU
+# The smallest weight worth packing for oneDNN. fp32: the measured break-even against MKL at batch 1
+# (1-4 MB matrices, default and llama-small shapes); bf16: every size, MKL's bf16 products being slower.
+MIN_PACKED_BYTES = {torch.float32: 1 << 21, torch.bfloat16: 0}
 
 
 class TransposedLinear(nn.Module):
@@ -40,6 +48,30 @@ class TransposedLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = x @ self.weight_t
         return y if self.bias is None else y + self.bias
+
+
+class PackedLinear(nn.Module):
+    """A float linear layer whose weight is packed for oneDNN (CPU only), and an optional bias."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None):
+        super().__init__()
+        # The layout oneDNN picks for a given number of rows; 1 is a decode step at batch 1.
+        self.register_buffer("weight_packed", torch.ops.mkldnn._reorder_linear_weight(weight.detach(), 1))
+        self.register_buffer("bias", None if bias is None else bias.detach().clone())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.ops.mkldnn._linear_pointwise(x, self.weight_packed, self.bias, "none", [], "")
+
+    @staticmethod
+    def supports(weight: torch.Tensor) -> bool:
+        if weight.device.type != "cpu" or not torch.backends.mkldnn.is_available():
+            return False
+        return weight.dtype == torch.float32 or (weight.dtype == torch.bfloat16 and torch.ops.mkldnn._is_mkldnn_bf16_supported())
+
+    @staticmethod
+    def pays(weight: torch.Tensor) -> bool:
+        """Packing is possible here and faster for this weight."""
+        return PackedLinear.supports(weight) and weight.nbytes >= MIN_PACKED_BYTES[weight.dtype]
 
 
 class Int8Linear(nn.Module):
@@ -69,12 +101,20 @@ class Int8Linear(nn.Module):
         return self.weight.float() * self.scales.float()[:, None]
 
 
-def for_decoding(model: nn.Module, quantize: str | None = None) -> nn.Module:
+def for_decoding(model: nn.Module, quantize: str | None = None, compiled: bool = False) -> nn.Module:
     """Every linear layer of a Transformer, and its output head, in a decoding format (in place):
-    transposed float, or int8 with quantize="int8". For inference only: the model no longer trains."""
+    packed for oneDNN or transposed float, or int8 with quantize="int8". `compiled`: the decode
+    step will run under torch.compile. For inference only: the model no longer trains."""
     if quantize is not None:
         check_method(quantize)
-    convert = Int8Linear if quantize == "int8" else TransposedLinear
+
+    def convert(weight, bias=None):
+        if quantize == "int8":
+            return Int8Linear(weight, bias)
+        if not compiled and PackedLinear.pays(weight):
+            return PackedLinear(weight, bias)
+        return TransposedLinear(weight, bias)
+
     for block in model.layers:  # SwiGLU's gate and up projections, stacked: one product instead of two
         ffn = block.feed_forward
         if ffn.w3 is not None:

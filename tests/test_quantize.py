@@ -1,4 +1,5 @@
-"""Weights for decoding: the transposed float layout computes the same logits; int8 has a bounded
+"""Weights for decoding: the transposed and oneDNN-packed float layouts compute the same logits and
+tokens; int8 has a bounded
 round-trip error, the kernel's arithmetic holds against float64, and greedy decoding agrees with the
 float model on a trained checkpoint."""
 import copy
@@ -9,10 +10,11 @@ import torch.nn as nn
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+import llm.quantize
 from llm.config import ModelConfig
 from llm.generate import Sampling, generate
 from llm.model import Transformer
-from llm.quantize import Int8Linear, TransposedLinear, for_decoding, quantize_int8
+from llm.quantize import Int8Linear, PackedLinear, TransposedLinear, for_decoding, quantize_int8
 from sample import main as sample_main
 from tests.helpers import fresh_seed, grid_id, option_grid, tiny_model
 
@@ -49,6 +51,50 @@ def test_transposed_layout_computes_the_same(options, seed):
         stacked = [block.feed_forward.w13 is not None for block in model.layers]
         assert stacked == [model.config.ffn == "swiglu"] * len(stacked)
         torch.testing.assert_close(model(x), reference, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="no oneDNN in this build of torch")
+@pytest.mark.parametrize("options", list(option_grid())[2::5], ids=grid_id)
+def test_packed_layout_computes_the_same(options, seed, monkeypatch):
+    """fp32 on CPU, eager: every linear layer packed for oneDNN (here whatever its size); the same
+    logits to fp32 rounding and the same greedy tokens. A step to be compiled gets the transposed
+    layout instead, and so do small matrices by default."""
+    model = tiny_model(seed, dtype=torch.float32, **options)
+    assert isinstance(for_decoding(copy.deepcopy(model)).output, TransposedLinear)  # 97 x 32: too small to pay
+    monkeypatch.setitem(llm.quantize.MIN_PACKED_BYTES, torch.float32, 0)
+    x = torch.randint(0, 97, (3, 20))
+    prompt = x[0, :5].tolist()
+    with torch.no_grad():
+        reference = model(x).double()
+        greedy = torch.stack(list(generate(model, [prompt], 24, Sampling(temperature=0))), dim=1)
+        exact = model.double()(x)  # the float64 model, to bound both fp32 computations
+        model.float()
+        compiled = for_decoding(copy.deepcopy(model), compiled=True)
+        for_decoding(model)
+        assert not any(isinstance(m, (nn.Linear, TransposedLinear)) for m in model.modules())
+        assert isinstance(model.output, PackedLinear)
+        assert isinstance(compiled.output, TransposedLinear) and not any(isinstance(m, PackedLinear) for m in compiled.modules())
+        bound = 20 * (reference - exact).abs().max() + 1e-5  # fp32 rounding, accumulated in another order
+        assert (model(x).double() - exact).abs().max() <= bound
+        assert torch.equal(torch.stack(list(generate(model, [prompt], 24, Sampling(temperature=0))), dim=1), greedy)
+
+
+@pytest.mark.skipif(not (torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()),
+                    reason="no oneDNN bf16 on this CPU")
+@given(out_features=st.integers(1, 70), in_features=st.integers(1, 100), rows=st.integers(1, 9), bias=st.booleans(),
+       dtype=st.sampled_from([torch.float32, torch.bfloat16]), data=st.data())
+@settings(max_examples=40, deadline=None)
+def test_packed_linear_against_float64(out_features, in_features, rows, bias, dtype, data):
+    torch.manual_seed(data.draw(st.integers(0, 2**32 - 1), label="seed"))
+    w = torch.randn(out_features, in_features).to(dtype)
+    b = torch.randn(out_features).to(dtype) if bias else None
+    x = torch.randn(rows, 2, in_features).to(dtype)
+    y = PackedLinear(w, b)(x)
+    exact = x.double() @ w.double().T + (0 if b is None else b.double())
+    eps = torch.finfo(dtype).eps  # products exact in fp32; sums and the output rounded
+    bound = (in_features + 2) * eps * (x.double().abs() @ w.double().abs().T + (0 if b is None else b.double().abs()))
+    assert y.dtype == dtype and y.shape == (rows, 2, out_features)
+    assert torch.all((y.double() - exact).abs() <= bound + 1e-30)
 
 
 def test_quantize_replaces_every_linear_and_the_head(seed):

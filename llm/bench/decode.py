@@ -27,7 +27,7 @@ from llm.device import native_bf16
 from llm.errors import ArgumentParser, UserError
 from llm.generate import CompiledStep, Sampling, check_compile_backend, decode_one, generate
 from llm.model import Transformer
-from llm.quantize import METHODS, Int8Linear, TransposedLinear, for_decoding
+from llm.quantize import METHODS, Int8Linear, PackedLinear, TransposedLinear, for_decoding
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -49,7 +49,7 @@ def build_model(name: str, device, dtype, block_size: int) -> Transformer:
 def bytes_per_step(model, batch: int, cache_len: int) -> int:
     """What one decode step reads: every weight of the layers and the head (not the embedding table,
     one row of which is read, unless it is the tied head), and the whole static KV cache."""
-    kinds = (nn.Linear, TransposedLinear, Int8Linear, nn.RMSNorm, nn.LayerNorm)
+    kinds = (nn.Linear, TransposedLinear, PackedLinear, Int8Linear, nn.RMSNorm, nn.LayerNorm)
     weights = sum(t.nbytes for m in model.modules() if isinstance(m, kinds)
                   for t in [*m.parameters(recurse=False), *m.buffers(recurse=False)] if t is not None)
     if model.output is None:
@@ -62,12 +62,14 @@ def bytes_per_step(model, batch: int, cache_len: int) -> int:
 
 def read_bandwidth(device, dtype, quantized: bool, repeats: int = 20) -> float:
     """GB/s of one large matrix-vector product in this dtype (256 MB of fp32 or bf16 weights, 128 MB
-    of int8: far beyond the caches), the faster of F.linear and the transposed layout for floats:
-    the most a decode step in this dtype can read."""
+    of int8: far beyond the caches), the fastest of F.linear, the transposed and the oneDNN-packed
+    layouts for floats: the most a decode step in this dtype can read."""
     n, k = 8192, 8192 if dtype == torch.float32 and not quantized else 16384
     w = torch.randn(n, k, device=device).to(dtype)
     x = torch.randn(1, k, device=device, dtype=dtype)
     layers = [Int8Linear(w)] if quantized else [TransposedLinear(w), lambda x: F.linear(x, w)]
+    if not quantized and PackedLinear.supports(w):
+        layers.append(PackedLinear(w))
     nbytes = layers[0].weight.nbytes + layers[0].kernel_scales.nbytes if quantized else w.nbytes
     return max(nbytes / median_seconds(lambda: layer(x), device, repeats) / 1e9 for layer in layers)
 
@@ -89,6 +91,9 @@ def matvec_kernels(config, device, repeats: int = 20) -> list[dict]:
                 "int8 (bf16 activations)": (lambda xb=x.bfloat16(): int8(xb), int8.weight.nbytes),
                 "int8 (fp32 in and out)": (lambda: int8(x), int8.weight.nbytes),
             }
+            for label, wp in (("fp32", w), ("bf16", w.bfloat16())):
+                if PackedLinear.supports(wp):
+                    kernels[f"{label} oneDNN packed"] = (lambda t=PackedLinear(wp), xp=x.to(wp.dtype): t(xp), wp.nbytes)
             for name, (fn, nbytes) in kernels.items():
                 seconds = median_seconds(fn, device, repeats)
                 rows.append({"shape": [n, k], "batch": batch, "kernel": name, "us": seconds * 1e6,
@@ -308,11 +313,11 @@ def speed_rows(name: str, base, args, bandwidth: dict) -> list[dict]:
           f"{'read GB/s':>9} {'of read':>7}")
     rows = []
     for method in args.quantize:
-        model = for_decoding(copy.deepcopy(base), None if method == "none" else method)
         key = (dtype, method != "none")
         if key not in bandwidth:
             bandwidth[key] = read_bandwidth(args.device, dtype, method != "none")
         for compiled in [None] + [args.compile] * bool(args.compile):
+            model = for_decoding(copy.deepcopy(base), None if method == "none" else method, compiled=bool(compiled))
             step = CompiledStep(compiled) if compiled else decode_one
             for batch in args.batch:
                 row = {"model": name, "parameters": base.num_params(), "dtype": str(dtype).removeprefix("torch."),

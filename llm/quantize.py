@@ -7,8 +7,9 @@ matrix-vector products stream their weights. The formats, chosen by `for_decodin
   layout and multiplied by oneDNN (the kernels PyTorch's inductor uses for frozen CPU weights). On the
   2-core AVX-512 EPYC this was built on, a llama-small layer stack streamed its fp32 weights at
   1.1-1.6x the rate of MKL on the transposed layout at batch 1 and 3x at batch 8 (bf16: 1.3-1.7x).
-  A oneDNN call costs about 15 us more, so in fp32 only matrices of 2 MB and more are packed. The packed weight is an opaque tensor that inductor cannot take as an input, so a
-  step compiled for the CPU (`compiled=True`) gets the next format instead.
+  A oneDNN call costs about 15 us more, so in fp32 only matrices of 2 MB and more are packed. The
+  packed weight is an opaque tensor that inductor cannot take as an input, so a step compiled for
+  the CPU (`compiled=True`) gets the next format instead.
 - float otherwise, stored transposed, (in, out): y = x @ Wᵀ reads it as one contiguous stream,
   1.3-1.4x faster than F.linear on the (out, in) layout at batch 1 on that EPYC (MKL 2024.2).
 - int8 (`quantize="int8"`), a quarter of fp32's bytes: each output channel (row) w is stored as
@@ -66,7 +67,9 @@ class PackedLinear(nn.Module):
     def supports(weight: torch.Tensor) -> bool:
         if weight.device.type != "cpu" or not torch.backends.mkldnn.is_available():
             return False
-        return weight.dtype == torch.float32 or (weight.dtype == torch.bfloat16 and torch.ops.mkldnn._is_mkldnn_bf16_supported())
+        if weight.dtype == torch.bfloat16:
+            return torch.ops.mkldnn._is_mkldnn_bf16_supported()
+        return weight.dtype == torch.float32
 
     @staticmethod
     def pays(weight: torch.Tensor) -> bool:

@@ -73,7 +73,8 @@ def test_packed_layout_computes_the_same(options, seed, monkeypatch):
         for_decoding(model)
         assert not any(isinstance(m, (nn.Linear, TransposedLinear)) for m in model.modules())
         assert isinstance(model.output, PackedLinear)
-        assert isinstance(compiled.output, TransposedLinear) and not any(isinstance(m, PackedLinear) for m in compiled.modules())
+        assert isinstance(compiled.output, TransposedLinear)
+        assert not any(isinstance(m, PackedLinear) for m in compiled.modules())
         bound = 20 * (reference - exact).abs().max() + 1e-5  # fp32 rounding, accumulated in another order
         assert (model(x).double() - exact).abs().max() <= bound
         assert torch.equal(torch.stack(list(generate(model, [prompt], 24, Sampling(temperature=0))), dim=1), greedy)

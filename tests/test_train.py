@@ -119,21 +119,29 @@ while True:
 def test_checkpoint_killed_midway_leaves_previous_loadable(tmp_path):
     run_dir = tmp_path / "run"
     run_dir.mkdir()
+
+    def saved_step(ckpt):
+        return json.loads((ckpt / "trainer.json").read_text())["step"]
+
     last = 0
     for attempt in range(4):
         proc = subprocess.Popen([sys.executable, "-c", KILLER.format(start=last), str(run_dir)], cwd=ROOT,
                                 stderr=subprocess.PIPE)
         deadline = time.time() + 60
-        while time.time() < deadline and checkpoint.latest(run_dir) is None or (
-                json.loads((checkpoint.latest(run_dir) / "trainer.json").read_text())["step"] <= last):
+        while time.time() < deadline and (checkpoint.latest(run_dir) is None or saved_step(checkpoint.latest(run_dir)) <= last):
             time.sleep(0.05)
         time.sleep(0.1 + 0.15 * attempt)  # land somewhere inside a later save
         proc.kill()
         proc.wait()
-        model, _ = llm.load(run_dir)  # the link always names a complete checkpoint
-        step = json.loads((run_dir / "checkpoint" / "trainer.json").read_text())["step"]
+        model, _ = llm.load(run_dir)  # the latest complete checkpoint, whatever instant the kill hit
+        step = saved_step(checkpoint.latest(run_dir))
         assert step > last
         assert all(torch.all(p == step) for p in model.parameters())
+        # the `checkpoint` link may still name the previous one (killed between the rename and the
+        # link's update), but what it names is complete and consistent
+        linked, _ = llm.load(run_dir / "checkpoint")
+        assert saved_step(run_dir / "checkpoint") in (step, step - 1)
+        assert all(torch.all(p == saved_step(run_dir / "checkpoint")) for p in linked.parameters())
         last = step
 
 

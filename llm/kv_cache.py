@@ -16,14 +16,15 @@ class KVCache:
     def __init__(self, config, batch_size, max_len, device, dtype):
         if max_len > config.block_size:
             raise ValueError(f"a KV cache of {max_len} positions exceeds block_size={config.block_size}")
-        shape = (config.n_layer, batch_size, config.n_kv_head, max_len, config.head_dim)
-        self.k = torch.zeros(shape, device=device, dtype=dtype)
-        self.v = torch.zeros(shape, device=device, dtype=dtype)
+        # One tensor per layer, not views of one: torch.compile then writes each in place.
+        shape = (batch_size, config.n_kv_head, max_len, config.head_dim)
+        self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.n_layer)]
+        self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.n_layer)]
         self.max_len = max_len
         self.pos = torch.zeros(1, dtype=torch.long, device=device)
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor, slots: torch.Tensor):
         """Write new (B, Hkv, T, D) entries at slots (T,); return the layer's whole (B, Hkv, max_len, D) buffers."""
-        self.k[layer].index_copy_(2, slots, k)
-        self.v[layer].index_copy_(2, slots, v)
+        self.k[layer][:, :, slots] = k
+        self.v[layer][:, :, slots] = v
         return self.k[layer], self.v[layer]

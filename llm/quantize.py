@@ -3,13 +3,13 @@
 Decoding reads every weight once per token, so its speed is memory bandwidth, and how fast the
 matrix-vector products stream their weights. The formats, chosen by `for_decoding`:
 
-- float on CPU (fp32, and bf16 where the CPU has it), eager: packed once into oneDNN's own blocked
+- float on CPU (fp32, and bf16 where the CPU has it): packed once into oneDNN's own blocked
   layout and multiplied by oneDNN (the kernels PyTorch's inductor uses for frozen CPU weights). On the
   2-core AVX-512 EPYC this was built on, a llama-small layer stack streamed its fp32 weights at
   1.1-1.6x the rate of MKL on the transposed layout at batch 1 and 3x at batch 8 (bf16: 1.3-1.7x).
   A oneDNN call costs about 15 us more, so in fp32 only matrices of 2 MB and more are packed. The
-  packed weight is an opaque tensor that inductor cannot take as an input, so a step compiled for
-  the CPU (`compiled=True`) gets the next format instead.
+  packed weight is an opaque tensor that torch.compile cannot take as a graph input, so a compiled
+  step reaches it through a custom op (`llm::packed_linear`) by a key, a constant of the graph.
 - float otherwise, stored transposed, (in, out): y = x @ Wᵀ reads it as one contiguous stream,
   1.3-1.4x faster than F.linear on the (out, in) layout at batch 1 on that EPYC (MKL 2024.2).
 - int8 (`quantize="int8"`), a quarter of fp32's bytes: each output channel (row) w is stored as
@@ -19,12 +19,18 @@ matrix-vector products stream their weights. The formats, chosen by `for_decodin
   bf16 activations only (with fp32 or fp16 ones it is 6-7x slower), so activations go through it
   in bf16, which moves an fp32 model's logits about as much as the quantization does. It needs the
   input width to be a multiple of 16 (other widths crash it); other widths, and other devices,
-  convert the weight inside the matmul (which torch.compile fuses on GPU). torchao 0.18's
-  Int8WeightOnlyConfig, timed the same way, dequantizes in eager mode and was 3-5x slower.
+  convert the weight inside the matmul (which torch.compile fuses on GPU). A compiled step at one
+  row (batch 1) computes x · q in fp32 as a reduction that inductor fuses with the conversion: it
+  streams the int8 weights at 20-26 GB/s from memory on that EPYC, the kernel at 11-17 (at 8 rows
+  the kernel is faster). torchao 0.18's Int8WeightOnlyConfig, timed the same way as the kernel,
+  dequantizes in eager mode and was 3-5x slower.
 
 The output head is converted too (with tied embeddings, a converted copy; the lookup stays as it is),
 and SwiGLU's gate and up projections become one stacked layer (llm.model.FeedForward).
 """
+import itertools
+import weakref
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -56,11 +62,24 @@ class PackedLinear(nn.Module):
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None):
         super().__init__()
+        self.out_features = weight.size(0)
         # The layout oneDNN picks for a given number of rows; 1 is a decode step at batch 1.
         self.register_buffer("weight_packed", torch.ops.mkldnn._reorder_linear_weight(weight.detach(), 1))
         self.register_buffer("bias", None if bias is None else bias.detach().clone())
+        self.register()
+
+    def register(self):
+        """Give this layer its own key, by which a compiled step finds it."""
+        self.key = next(_KEYS)
+        _PACKED[self.key] = self
+
+    def __setstate__(self, state):  # a copy (copy.copy) is a layer of its own, with its own key
+        super().__setstate__(state)
+        self.register()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if torch.compiler.is_compiling():
+            return packed_linear(x, self.key, self.out_features, self.bias)
         return torch.ops.mkldnn._linear_pointwise(x, self.weight_packed, self.bias, "none", [], "")
 
     @staticmethod
@@ -77,6 +96,21 @@ class PackedLinear(nn.Module):
         return PackedLinear.supports(weight) and weight.nbytes >= MIN_PACKED_BYTES[weight.dtype]
 
 
+_KEYS = itertools.count()
+_PACKED = weakref.WeakValueDictionary()  # key -> PackedLinear, for as long as the layer exists
+
+
+@torch.library.custom_op("llm::packed_linear", mutates_args=())
+def packed_linear(x: torch.Tensor, key: int, out_features: int, bias: torch.Tensor | None) -> torch.Tensor:
+    """PackedLinear's product, as compiled code calls it: one extern call on the layer's packed weight."""
+    return torch.ops.mkldnn._linear_pointwise(x, _PACKED[key].weight_packed, bias, "none", [], "")
+
+
+@packed_linear.register_fake
+def _(x, key, out_features, bias):
+    return x.new_empty(*x.shape[:-1], out_features)
+
+
 class Int8Linear(nn.Module):
     """A linear layer with int8 weights (out, in), one scale per output channel, and an optional bias."""
 
@@ -91,7 +125,11 @@ class Int8Linear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         flat = x.reshape(-1, x.size(-1))
-        if x.device.type == "cpu" and x.size(-1) % 16 == 0:
+        if x.device.type == "cpu" and flat.size(0) == 1 and torch.compiler.is_compiling():
+            # One row, compiled: inductor fuses the conversion into one streaming reduction, which reads
+            # the int8 weights about twice as fast as the kernel below on this CPU (at 8 rows it is slower).
+            y = ((flat.float() * self.weight.float()).sum(-1) * self.scales.float()).to(x.dtype)[None]
+        elif x.device.type == "cpu" and x.size(-1) % 16 == 0:
             y = torch.ops.aten._weight_int8pack_mm(flat.to(KERNEL_DTYPE), self.weight, self.kernel_scales).to(x.dtype)
         else:
             y = F.linear(flat, self.weight.to(x.dtype)) * self.scales.to(x.dtype)
@@ -104,17 +142,17 @@ class Int8Linear(nn.Module):
         return self.weight.float() * self.scales.float()[:, None]
 
 
-def for_decoding(model: nn.Module, quantize: str | None = None, compiled: bool = False) -> nn.Module:
+def for_decoding(model: nn.Module, quantize: str | None = None) -> nn.Module:
     """Every linear layer of a Transformer, and its output head, in a decoding format (in place):
-    packed for oneDNN or transposed float, or int8 with quantize="int8". `compiled`: the decode
-    step will run under torch.compile. For inference only: the model no longer trains."""
+    packed for oneDNN or transposed float, or int8 with quantize="int8". For inference only: the
+    model no longer trains."""
     if quantize is not None:
         check_method(quantize)
 
     def convert(weight, bias=None):
         if quantize == "int8":
             return Int8Linear(weight, bias)
-        if not compiled and PackedLinear.pays(weight):
+        if PackedLinear.pays(weight):
             return PackedLinear(weight, bias)
         return TransposedLinear(weight, bias)
 

@@ -1,6 +1,7 @@
 """The benchmarks' own logic (their figures are printed, never asserted): recipes parse and
 refuse bad input, time to target is read at the first evaluation that reaches it, and the
 sampling benchmark runs end to end."""
+import json
 import subprocess
 import sys
 
@@ -40,6 +41,30 @@ def test_sampling_benchmark_runs(tmp_path):
                              "--device", "cpu"], capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
     assert "cache speed-up at batch 8" in result.stdout
+
+
+def test_decode_benchmark_against_transformers(tmp_path):
+    """The decode benchmark end to end on the tiny default model (aot_eager: compiled without a C++
+    compiler): every variant timed, fp32 tokens identical to transformers', and the bandwidth figures
+    consistent with the timings."""
+    pytest.importorskip("transformers")
+    out = tmp_path / "decode.json"
+    result = subprocess.run([sys.executable, "-m", "llm.bench", "decode", "--config", "default", "--batch", "1",
+                             "--dtype", "float32", "--new_tokens", "8", "--repeats", "1", "--no_latency", "--no_kernels",
+                             "--compile", "aot_eager", "--json", str(out)], capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-2000:]
+    results = json.loads(out.read_text())
+    assert [(r["quantize"], r["compile"]) for r in results["rows"]] == [
+        ("none", False), ("none", "aot_eager"), ("int8", False), ("int8", "aot_eager")]
+    for row in results["rows"]:
+        assert row["ms_per_step"] == pytest.approx(1e3 / row["tokens_per_s"])  # batch 1
+        assert row["percent_of_read"] == pytest.approx(100 * row["achieved_gbps"] / row["read_bandwidth_gbps"])
+    (hf,) = results["transformers"]
+    ours = {r["ours"]: r for r in hf["ours"]}
+    assert list(ours) == ["eager", "compiled", "int8", "int8 compiled"]
+    assert ours["eager"]["identical_tokens"] and ours["compiled"]["identical_tokens"]
+    for r in ours.values():
+        assert r["ratio"] == pytest.approx(r["tokens_per_s"] / hf["transformers_tokens_per_s"])
 
 
 def test_unknown_benchmark_is_one_line():

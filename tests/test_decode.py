@@ -24,9 +24,9 @@ def static_logits(model, prompts: list[list[int]], new: torch.Tensor) -> torch.T
     with torch.no_grad():
         steps = [model(ids, kv_start=kv_start, cache=cache, last_only=True)[:, -1]]
         for t in range(new.size(1)):
-            k, v = cache.k.shape, cache.v.shape
+            buffers = [(b.data_ptr(), b.shape) for b in cache.k + cache.v]
             steps.append(decode_one(model, new[:, t:t + 1], kv_start, cache))
-            assert cache.k.shape == k and cache.v.shape == v  # written in place, never grown
+            assert [(b.data_ptr(), b.shape) for b in cache.k + cache.v] == buffers  # written in place, never grown
     assert int(cache.pos) == ids.size(1) + new.size(1)
     return torch.stack(steps, dim=1)
 

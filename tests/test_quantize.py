@@ -3,16 +3,20 @@ tokens; int8 has a bounded
 round-trip error, the kernel's arithmetic holds against float64, and greedy decoding agrees with the
 float model on a trained checkpoint."""
 import copy
+import gc
 
 import pytest
 import torch
+import torch._dynamo
 import torch.nn as nn
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from torch._dynamo.testing import CompileCounterWithBackend
 
 import llm.quantize
 from llm.config import ModelConfig
-from llm.generate import Sampling, generate
+from llm.generate import CompiledStep, Sampling, decode_one, generate
+from llm.kv_cache import KVCache
 from llm.model import Transformer
 from llm.quantize import Int8Linear, PackedLinear, TransposedLinear, for_decoding, quantize_int8
 from sample import main as sample_main
@@ -30,7 +34,8 @@ def test_int8_linear_round_trip_and_matmul(out_features, in_features, rows, bias
     layer = Int8Linear(w, b)
     assert layer.weight.dtype == torch.int8 and layer.weight.abs().max() <= 127
     step = layer.scales.float()[:, None]
-    assert torch.all((layer.dequantized() - w).abs() <= step / 2 * (1 + 1e-6))  # rounding: half a step at most
+    # rounding: half a step at most, plus the fp32 rounding of w / s and q * s (ulps of w, which can exceed 1e-6 steps)
+    assert torch.all((layer.dequantized() - w).abs() <= step / 2 + 2 * torch.finfo(torch.float32).eps * w.abs())
     x = torch.randn(rows, 3, in_features)
     y = layer(x)
     deq = layer.dequantized().double()
@@ -38,6 +43,25 @@ def test_int8_linear_round_trip_and_matmul(out_features, in_features, rows, bias
     # bf16 activations, scales and output: each contributes at most 2^-8 relative to sum |x_i w_i|
     bound = 3 * 2**-8 * (x.double().abs() @ deq.abs().T) + 1e-6
     assert y.shape == (rows, 3, out_features) and torch.all((y.double() - exact).abs() <= bound)
+
+
+@settings(max_examples=10, deadline=None)
+@given(out_features=st.integers(1, 70), in_features=st.sampled_from([16, 32, 48, 64, 96]), bias=st.booleans(),
+       data=st.data())
+def test_int8_linear_compiled_one_row_is_fp32_exact(out_features, in_features, bias, data):
+    """A compiled step at one row computes x · q · s in fp32 (a reduction inductor fuses), not through
+    the bf16 kernel eager mode takes at these widths: against float64, fp32 rounding only."""
+    torch.manual_seed(data.draw(st.integers(0, 2**32 - 1), label="seed"))
+    layer = Int8Linear(torch.randn(out_features, in_features), torch.randn(out_features) if bias else None)
+    x = torch.randn(1, 1, in_features)
+    torch._dynamo.reset()
+    y = torch.compile(layer, backend="aot_eager", fullgraph=True)(x)
+    deq = layer.dequantized().double()
+    exact = x.double() @ deq.T + (0 if layer.bias is None else layer.bias.double())
+    eps = torch.finfo(torch.float32).eps
+    bound = (in_features + 3) * eps * (x.double().abs() @ deq.abs().T + (0 if layer.bias is None else layer.bias.double().abs()))
+    assert y.shape == (1, 1, out_features) and torch.all((y.double() - exact).abs() <= bound + 1e-30)
+    assert not torch.equal(y, layer(x))  # eager takes the bf16 kernel: not the same computation
 
 
 @pytest.mark.parametrize("options", list(option_grid())[::5], ids=grid_id)
@@ -56,28 +80,62 @@ def test_transposed_layout_computes_the_same(options, seed):
 @pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="no oneDNN in this build of torch")
 @pytest.mark.parametrize("options", list(option_grid())[2::5], ids=grid_id)
 def test_packed_layout_computes_the_same(options, seed, monkeypatch):
-    """fp32 on CPU, eager: every linear layer packed for oneDNN (here whatever its size); the same
-    logits to fp32 rounding and the same greedy tokens. A step to be compiled gets the transposed
-    layout instead, and so do small matrices by default."""
+    """fp32 on CPU: every linear layer packed for oneDNN (here whatever its size); the same logits to
+    fp32 rounding and the same greedy tokens, eager and compiled (through llm::packed_linear), also
+    with a copied layer that outlives the original. Small matrices keep the transposed layout by default."""
     model = tiny_model(seed, dtype=torch.float32, **options)
     assert isinstance(for_decoding(copy.deepcopy(model)).output, TransposedLinear)  # 97 x 32: too small to pay
     monkeypatch.setitem(llm.quantize.MIN_PACKED_BYTES, torch.float32, 0)
     x = torch.randint(0, 97, (3, 20))
     prompt = x[0, :5].tolist()
+
+    def greedy(model, step=decode_one):
+        return torch.stack(list(generate(model, [prompt], 24, Sampling(temperature=0), decode_step=step)), dim=1)
+
     with torch.no_grad():
         reference = model(x).double()
-        greedy = torch.stack(list(generate(model, [prompt], 24, Sampling(temperature=0))), dim=1)
+        expected = greedy(model)
         exact = model.double()(x)  # the float64 model, to bound both fp32 computations
         model.float()
-        compiled = for_decoding(copy.deepcopy(model), compiled=True)
         for_decoding(model)
         assert not any(isinstance(m, (nn.Linear, TransposedLinear)) for m in model.modules())
         assert isinstance(model.output, PackedLinear)
-        assert isinstance(compiled.output, TransposedLinear)
-        assert not any(isinstance(m, PackedLinear) for m in compiled.modules())
         bound = 20 * (reference - exact).abs().max() + 1e-5  # fp32 rounding, accumulated in another order
         assert (model(x).double() - exact).abs().max() <= bound
-        assert torch.equal(torch.stack(list(generate(model, [prompt], 24, Sampling(temperature=0))), dim=1), greedy)
+        assert torch.equal(greedy(model), expected)
+        torch._dynamo.reset()
+        counter = CompileCounterWithBackend("aot_eager")
+        assert torch.equal(greedy(model, CompiledStep(counter)), expected)
+        assert counter.frame_count == 1 and "packed_linear" in counter.graphs[0].code
+        head = copy.copy(model.output)  # a copy shares the packed weight, under a key of its own
+        assert head.key != model.output.key
+        key = model.output.key
+        model.output = head
+        gc.collect()
+        assert key not in llm.quantize._PACKED  # the registry holds no layer that is gone
+        assert torch.equal(greedy(model, CompiledStep("aot_eager")), expected)
+
+
+@pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="no oneDNN in this build of torch")
+def test_compiled_step_reads_the_packed_weights_of_the_model_it_is_given(seed, monkeypatch):
+    """The packed weights are found by key, a constant of the compiled graph: a step compiled for one
+    model and then given another of the same shapes must recompile, not compute with the first's weights."""
+    monkeypatch.setitem(llm.quantize.MIN_PACKED_BYTES, torch.float32, 0)
+    models = [for_decoding(tiny_model(seed + i, dtype=torch.float32)) for i in range(2)]
+    counter = CompileCounterWithBackend("aot_eager")
+    step = CompiledStep(counter)
+
+    def logits(model, step):
+        cache = KVCache(model.config, 1, 8, "cpu", torch.float32)
+        with torch.no_grad():
+            model(torch.randint(0, 97, (1, 3), generator=torch.Generator().manual_seed(seed)), cache=cache)
+            return step(model, torch.tensor([[4]]), None, cache).clone()
+
+    torch._dynamo.reset()
+    for model in models:
+        torch.testing.assert_close(logits(model, step), logits(model, decode_one), rtol=1e-6, atol=1e-6)
+    assert counter.frame_count == 2
+    assert not torch.allclose(logits(models[0], decode_one), logits(models[1], decode_one))
 
 
 @pytest.mark.skipif(not (torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()),

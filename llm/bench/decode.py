@@ -5,7 +5,8 @@ read bandwidth. For each model, dtype, quantization, compile setting and batch s
 tokens/s, the bandwidth the decode step achieves (bytes of weights + KV cache read per step x
 steps/s) and that as a percentage of this machine's read bandwidth, measured here with one large
 matrix-vector product in the same dtype. Then decode latency at 1,000 tokens of context against
-50, transformers' generate on the same weights (greedy, identical tokens checked), and, for a
+50, transformers' generate on the same weights against ours eager, compiled and int8, in one
+alternating loop (greedy, identical tokens checked), and, for a
 trained checkpoint (--ckpt), how far int8 moves its logits and greedy tokens.
 
     python -m llm.bench decode                                   # default + llama-small shapes
@@ -142,10 +143,10 @@ def latency(model, context: int, steps: int, step, repeats: int) -> float:
     return 1e3 * statistics.median(decode_seconds(model, prompts, steps + 1, step) for _ in range(repeats)) / steps
 
 
-def compare_with_transformers(model, prepared, new_tokens: int, repeats: int) -> dict | None:
-    """Greedy generation, batch 1, prompt 32, the same weights: ours (`prepared`, whole generate calls,
-    prefill included, as theirs) against transformers' generate on `model` exported, alternated so
-    drifts hit both alike."""
+def compare_with_transformers(model, variants: dict, new_tokens: int, repeats: int) -> dict | None:
+    """Greedy generation, batch 1, prompt 32, the same weights: ours (each of `variants`, name ->
+    (prepared model, decode step), whole generate calls, prefill included, as theirs) against
+    transformers' generate on `model` exported, alternated so drifts hit all alike."""
     try:
         from transformers import AutoModelForCausalLM
     except ImportError:
@@ -172,42 +173,56 @@ def compare_with_transformers(model, prepared, new_tokens: int, repeats: int) ->
         hf = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=dtype).to(device).eval()
     prompt = torch.randint(0, model.config.vocab_size, (1, 32), device=device)
 
-    def ours():
-        return torch.stack(list(generate(prepared, prompt.tolist(), new_tokens, Sampling(temperature=0))), dim=1)
+    def ours(prepared, step):
+        return lambda: torch.stack(list(generate(prepared, prompt.tolist(), new_tokens, Sampling(temperature=0),
+                                                 decode_step=step)), dim=1)
 
     def theirs():
         return hf.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=new_tokens,
                            min_new_tokens=new_tokens, do_sample=False, pad_token_id=0)[:, 32:]
 
-    a, b = ours(), theirs()
-    same = torch.equal(a, b)
-    first_difference = None if same else int((a != b).int().argmax())
-    runs = {"ours": [], "transformers": []}
+    runners = {"transformers": theirs, **{name: ours(*variant) for name, variant in variants.items()}}
+    outputs = {name: fn() for name, fn in runners.items()}  # also warms up (and compiles)
+    runs = {name: [] for name in runners}
     for _ in range(repeats):
-        for name, fn in (("ours", ours), ("transformers", theirs)):
+        for name, fn in runners.items():
             runs[name].append(median_seconds(fn, device, 1))
-    result = {name: new_tokens / statistics.median(r) for name, r in runs.items()}
-    return {"dtype": str(dtype).removeprefix("torch."), "new_tokens": new_tokens, "identical_tokens": same,
-            "first_difference": first_difference, "ours_tokens_per_s": result["ours"],
-            "transformers_tokens_per_s": result["transformers"], "ratio": result["ours"] / result["transformers"]}
+    speed = {name: new_tokens / statistics.median(r) for name, r in runs.items()}
+    rows = []
+    for name in variants:
+        same = torch.equal(outputs[name], outputs["transformers"])
+        rows.append({"ours": name, "tokens_per_s": speed[name], "ratio": speed[name] / speed["transformers"],
+                     "identical_tokens": same,
+                     "first_difference": None if same else int((outputs[name] != outputs["transformers"]).int().argmax())})
+    return {"dtype": str(dtype).removeprefix("torch."), "new_tokens": new_tokens,
+            "transformers_tokens_per_s": speed["transformers"], "ours": rows}
 
 
 @torch.inference_mode()
-def quantization_quality(model, tokens: int = 256) -> dict:
+def quantization_quality(model, tokens: int = 256, compile_backend: str | None = None) -> dict:
     """int8 against the model as it is: logit difference and greedy agreement (teacher-forced on the
-    float model's own greedy continuation, and free-running) over `tokens` tokens (fewer if the
-    context is shorter)."""
+    float model's own greedy continuation, and free-running, also through a compiled step, which at
+    batch 1 computes int8 products in fp32) over `tokens` tokens (fewer if the context is shorter)."""
     tokens = min(tokens, model.config.block_size - 8)
     prompt = [torch.randint(0, model.config.vocab_size, (8,)).tolist()]
-    greedy = torch.stack(list(generate(model, prompt, tokens, Sampling(temperature=0))), dim=1)
+
+    def greedy(model, step=decode_one):
+        return torch.stack(list(generate(model, prompt, tokens, Sampling(temperature=0), decode_step=step)), dim=1)
+
+    def identical(a, b) -> int:
+        return int((a == b).int().cumprod(1).sum())
+
+    reference = greedy(model)
     quantized = for_decoding(copy.deepcopy(model), "int8")
-    greedy8 = torch.stack(list(generate(quantized, prompt, tokens, Sampling(temperature=0))), dim=1)
-    sequence = torch.cat([torch.tensor(prompt, device=greedy.device), greedy], dim=1)
+    sequence = torch.cat([torch.tensor(prompt, device=reference.device), reference], dim=1)
     logits, logits8 = model(sequence)[0, 7:-1].float(), quantized(sequence)[0, 7:-1].float()
-    return {"tokens": tokens, "max_abs_logit_diff": (logits - logits8).abs().max().item(),
-            "max_abs_logit": logits.abs().max().item(),
-            "teacher_forced_agreement": (logits.argmax(-1) == logits8.argmax(-1)).float().mean().item(),
-            "free_running_identical_tokens": int((greedy == greedy8).int().cumprod(1).sum())}
+    result = {"tokens": tokens, "max_abs_logit_diff": (logits - logits8).abs().max().item(),
+              "max_abs_logit": logits.abs().max().item(),
+              "teacher_forced_agreement": (logits.argmax(-1) == logits8.argmax(-1)).float().mean().item(),
+              "free_running_identical_tokens": identical(reference, greedy(quantized))}
+    if compile_backend:
+        result["free_running_identical_tokens_compiled"] = identical(reference, greedy(quantized, CompiledStep(compile_backend)))
+    return result
 
 
 def parse(argv):
@@ -269,14 +284,10 @@ def bench_decode(argv):
             prepared = for_decoding(copy.deepcopy(base))  # what sample.py runs
             if not args.no_latency and base.config.block_size >= 1000 + 33:
                 results["latency"].append(latency_row(name, prepared, args.repeats))
-            hf = None if args.no_hf else compare_with_transformers(base, prepared, args.new_tokens, max(3, args.repeats))
-            if hf:
-                results["transformers"].append({"model": name, **hf})
-                print(f"transformers' generate, batch 1, same weights (identical tokens: {hf['identical_tokens']}): "
-                      f"ours {hf['ours_tokens_per_s']:,.1f} tokens/s, "
-                      f"transformers {hf['transformers_tokens_per_s']:,.1f} ({hf['ratio']:.2f}x)")
+            if not args.no_hf:
+                results["transformers"] += transformers_rows(name, base, prepared, args)
             if args.ckpt:
-                results["quantization"].append(quantization_row(name, base))
+                results["quantization"].append(quantization_row(name, base, args.compile))
             print()
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2) + "\n")
@@ -317,7 +328,7 @@ def speed_rows(name: str, base, args, bandwidth: dict) -> list[dict]:
         if key not in bandwidth:
             bandwidth[key] = read_bandwidth(args.device, dtype, method != "none")
         for compiled in [None] + [args.compile] * bool(args.compile):
-            model = for_decoding(copy.deepcopy(base), None if method == "none" else method, compiled=bool(compiled))
+            model = for_decoding(copy.deepcopy(base), None if method == "none" else method)
             step = CompiledStep(compiled) if compiled else decode_one
             for batch in args.batch:
                 row = {"model": name, "parameters": base.num_params(), "dtype": str(dtype).removeprefix("torch."),
@@ -332,6 +343,27 @@ def speed_rows(name: str, base, args, bandwidth: dict) -> list[dict]:
     return rows
 
 
+def transformers_rows(name: str, base, prepared, args) -> list[dict]:
+    """Ours as sample.py runs it (eager; compiled with --compile; int8 if asked for) against
+    transformers' generate on the same weights, in one alternating loop."""
+    variants = {"eager": (prepared, decode_one)}
+    if args.compile:
+        variants["compiled"] = (prepared, CompiledStep(args.compile))
+    if "int8" in args.quantize:
+        int8 = for_decoding(copy.deepcopy(base), "int8")
+        variants["int8"] = (int8, decode_one)
+        if args.compile:
+            variants["int8 compiled"] = (int8, CompiledStep(args.compile))
+    hf = compare_with_transformers(base, variants, args.new_tokens, max(3, args.repeats))
+    if hf is None:
+        return []
+    print(f"transformers' generate, batch 1, same weights: {hf['transformers_tokens_per_s']:,.1f} tokens/s; ours:")
+    for row in hf["ours"]:
+        tokens = "identical tokens" if row["identical_tokens"] else f"tokens differ from #{row['first_difference']}"
+        print(f"  {row['ours']:<14} {row['tokens_per_s']:>9,.1f} tokens/s ({row['ratio']:.2f}x, {tokens})")
+    return [{"model": name, **hf}]
+
+
 def latency_row(name: str, model, repeats: int) -> dict:
     near, far = (latency(model, n, 32, decode_one, repeats) for n in (50, 1000))
     print(f"decode latency, batch 1: {near:.2f} ms/token at 50 tokens of context, "
@@ -340,10 +372,12 @@ def latency_row(name: str, model, repeats: int) -> dict:
             "ms_at_50": near, "ms_at_1000": far, "ratio": far / near}
 
 
-def quantization_row(name: str, model) -> dict:
+def quantization_row(name: str, model, compile_backend: str | None) -> dict:
     dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
-    q = {"model": name, "dtype": dtype, **quantization_quality(model)}
+    q = {"model": name, "dtype": dtype, **quantization_quality(model, compile_backend=compile_backend)}
+    compiled = q.get("free_running_identical_tokens_compiled")
     print(f"int8 vs {q['dtype']} over {q['tokens']} greedy tokens: max |logit diff| {q['max_abs_logit_diff']:.3g} "
           f"(logits up to {q['max_abs_logit']:.3g}), argmax agreement {q['teacher_forced_agreement']:.3f}, "
-          f"free-running identical for {q['free_running_identical_tokens']} tokens")
+          f"free-running identical for {q['free_running_identical_tokens']} tokens"
+          + ("" if compiled is None else f" ({compiled} compiled)"))
     return q

@@ -95,7 +95,7 @@ def main(argv) -> int:
             check_layer_and_head(model.config, args.attention_layer, args.attention_head)
         if args.attention:
             model.set_attention(args.attention)
-        for_decoding(model, args.quantize)  # the layout one-token steps read fastest
+        for_decoding(model, args.quantize, args.compile)  # the layout one-token steps read fastest
         prompts = [p for p in read_prompts(args) for _ in range(args.num_samples)]
         stream = len(prompts) == 1
         if stream:

@@ -87,7 +87,8 @@ def check_compile_backend(backend: str):
 
 class CompiledStep:
     """`decode_one` under torch.compile: the shapes are static, so one compilation serves a whole
-    generation (and later ones of the same sizes). On CUDA the step is also captured as a CUDA
+    generation (and later ones of the same sizes and model: layers packed for oneDNN are found by a
+    key that is a constant of the graph, so another model, even a copy, compiles anew). On CUDA the step is also captured as a CUDA
     graph at the second step of each generation (the first compiles and warms up, on a side
     stream as capture requires) and replayed after that, with no per-kernel launch cost."""
 

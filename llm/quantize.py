@@ -9,7 +9,7 @@ matrix-vector products stream their weights. The formats, chosen by `for_decodin
   1.1-1.6x the rate of MKL on the transposed layout at batch 1 and 3x at batch 8 (bf16: 1.3-1.7x).
   A oneDNN call costs about 15 us more, so in fp32 only matrices of 2 MB and more are packed. The
   packed weight is an opaque tensor that torch.compile cannot take as a graph input, so a compiled
-  step reaches it through a custom op (`llm::packed_linear`) by a key, a constant of the graph.
+  step reaches it through a custom op (`llm_toolkit::packed_linear`) by a key, a constant of the graph.
 - float otherwise, stored transposed, (in, out): y = x @ Wᵀ reads it as one contiguous stream,
   1.3-1.4x faster than F.linear on the (out, in) layout at batch 1 on that EPYC (MKL 2024.2).
 - int8 (`quantize="int8"`), a quarter of fp32's bytes: each output channel (row) w is stored as
@@ -19,10 +19,13 @@ matrix-vector products stream their weights. The formats, chosen by `for_decodin
   bf16 activations only (with fp32 or fp16 ones it is 6-7x slower), so activations go through it
   in bf16, which moves an fp32 model's logits about as much as the quantization does. It needs the
   input width to be a multiple of 16 (other widths crash it); other widths, and other devices,
-  convert the weight inside the matmul (which torch.compile fuses on GPU). A compiled step at one
-  row (batch 1) computes x · q in fp32 as a reduction that inductor fuses with the conversion: it
-  streams the int8 weights at 20-26 GB/s from memory on that EPYC, the kernel at 11-17 (at 8 rows
-  the kernel is faster). torchao 0.18's Int8WeightOnlyConfig, timed the same way as the kernel,
+  convert the weight inside the matmul (which torch.compile fuses on GPU). On CPU, a step compiled
+  by inductor (`compile_backend="inductor"`) computes x · q at one row (batch 1) in fp32, as a
+  reduction that inductor fuses with the conversion: it streams the int8 weights at 20-26 GB/s from
+  memory on that EPYC, the kernel at 11-17 (at 8 rows the kernel is faster and stays). So compiled
+  int8 rows at batch 1 are computed in fp32, in a batch in bf16: a row generated alone can differ
+  slightly from the same row in a batch. Other backends would materialize the fp32 weights, so they
+  keep the kernel. torchao 0.18's Int8WeightOnlyConfig, timed the same way as the kernel,
   dequantizes in eager mode and was 3-5x slower.
 
 The output head is converted too (with tied embeddings, a converted copy; the lookup stays as it is),
@@ -73,7 +76,8 @@ class PackedLinear(nn.Module):
         self.key = next(_KEYS)
         _PACKED[self.key] = self
 
-    def __setstate__(self, state):  # a copy (copy.copy) is a layer of its own, with its own key
+    def __setstate__(self, state):  # a copy.copy is a layer of its own, with its own key (deepcopy
+        # cannot copy oneDNN's tensors at all)
         super().__setstate__(state)
         self.register()
 
@@ -100,7 +104,7 @@ _KEYS = itertools.count()
 _PACKED = weakref.WeakValueDictionary()  # key -> PackedLinear, for as long as the layer exists
 
 
-@torch.library.custom_op("llm::packed_linear", mutates_args=())
+@torch.library.custom_op("llm_toolkit::packed_linear", mutates_args=())
 def packed_linear(x: torch.Tensor, key: int, out_features: int, bias: torch.Tensor | None) -> torch.Tensor:
     """PackedLinear's product, as compiled code calls it: one extern call on the layer's packed weight."""
     return torch.ops.mkldnn._linear_pointwise(x, _PACKED[key].weight_packed, bias, "none", [], "")
@@ -112,10 +116,12 @@ def _(x, key, out_features, bias):
 
 
 class Int8Linear(nn.Module):
-    """A linear layer with int8 weights (out, in), one scale per output channel, and an optional bias."""
+    """A linear layer with int8 weights (out, in), one scale per output channel, and an optional bias.
+    fused_one_row: under inductor, compute one row as a reduction that inductor fuses (see above)."""
 
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None):
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None, fused_one_row: bool = False):
         super().__init__()
+        self.fused_one_row = fused_one_row
         w = weight.detach().float()
         scales = w.abs().amax(dim=1).clamp(min=torch.finfo(torch.float32).tiny) / 127
         self.register_buffer("weight", (w / scales[:, None]).round().clamp(-127, 127).to(torch.int8))
@@ -125,9 +131,9 @@ class Int8Linear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         flat = x.reshape(-1, x.size(-1))
-        if x.device.type == "cpu" and flat.size(0) == 1 and torch.compiler.is_compiling():
-            # One row, compiled: inductor fuses the conversion into one streaming reduction, which reads
-            # the int8 weights about twice as fast as the kernel below on this CPU (at 8 rows it is slower).
+        if self.fused_one_row and x.device.type == "cpu" and flat.size(0) == 1 and torch.compiler.is_compiling():
+            # inductor fuses the conversion into one streaming reduction, which reads the int8 weights
+            # about twice as fast as the kernel below on this CPU (at 8 rows it is slower)
             y = ((flat.float() * self.weight.float()).sum(-1) * self.scales.float()).to(x.dtype)[None]
         elif x.device.type == "cpu" and x.size(-1) % 16 == 0:
             y = torch.ops.aten._weight_int8pack_mm(flat.to(KERNEL_DTYPE), self.weight, self.kernel_scales).to(x.dtype)
@@ -142,16 +148,17 @@ class Int8Linear(nn.Module):
         return self.weight.float() * self.scales.float()[:, None]
 
 
-def for_decoding(model: nn.Module, quantize: str | None = None) -> nn.Module:
+def for_decoding(model: nn.Module, quantize: str | None = None, compile_backend: str | None = None) -> nn.Module:
     """Every linear layer of a Transformer, and its output head, in a decoding format (in place):
-    packed for oneDNN or transposed float, or int8 with quantize="int8". For inference only: the
-    model no longer trains."""
+    packed for oneDNN or transposed float, or int8 with quantize="int8". compile_backend: the
+    torch.compile backend the decode step will run under, if any (eager steps run as well either
+    way). For inference only: the model no longer trains."""
     if quantize is not None:
         check_method(quantize)
 
     def convert(weight, bias=None):
         if quantize == "int8":
-            return Int8Linear(weight, bias)
+            return Int8Linear(weight, bias, fused_one_row=compile_backend == "inductor")
         if PackedLinear.pays(weight):
             return PackedLinear(weight, bias)
         return TransposedLinear(weight, bias)

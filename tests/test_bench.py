@@ -6,9 +6,12 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
+from llm.bench.decode import quantization_quality
 from llm.bench.speedrun import RECIPES, parse_recipe, summarize
 from llm.errors import UserError
+from tests.helpers import tiny_model
 
 
 def test_recipes_parse_into_typed_settings():
@@ -49,9 +52,10 @@ def test_decode_benchmark_against_transformers(tmp_path):
     consistent with the timings."""
     pytest.importorskip("transformers")
     out = tmp_path / "decode.json"
-    result = subprocess.run([sys.executable, "-m", "llm.bench", "decode", "--config", "default", "--batch", "1",
-                             "--dtype", "float32", "--new_tokens", "8", "--repeats", "1", "--no_latency", "--no_kernels",
-                             "--compile", "aot_eager", "--json", str(out)], capture_output=True, text=True, timeout=600)
+    command = ["--config", "default", "--batch", "1", "--dtype", "float32", "--new_tokens", "8", "--repeats", "1",
+               "--no_latency", "--no_kernels", "--compile", "aot_eager", "--json", str(out)]
+    result = subprocess.run([sys.executable, "-m", "llm.bench", "decode", *command],
+                            capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-2000:]
     results = json.loads(out.read_text())
     assert [(r["quantize"], r["compile"]) for r in results["rows"]] == [
@@ -65,6 +69,16 @@ def test_decode_benchmark_against_transformers(tmp_path):
     assert ours["eager"]["identical_tokens"] and ours["compiled"]["identical_tokens"]
     for r in ours.values():
         assert r["ratio"] == pytest.approx(r["tokens_per_s"] / hf["transformers_tokens_per_s"])
+
+
+def test_int8_quality_report_with_a_compiled_step(seed):
+    """The int8 report on a checkpoint also runs the compiled step; under aot_eager it takes the same
+    kernels as eager, so it must agree with the float model exactly as long as eager int8 does."""
+    model = tiny_model(seed, dtype=torch.float32, block_size=40)
+    with torch.inference_mode():
+        q = quantization_quality(model, tokens=24, compile_backend="aot_eager")
+    assert q["tokens"] == 24 and 0 <= q["teacher_forced_agreement"] <= 1
+    assert q["free_running_identical_tokens_compiled"] == q["free_running_identical_tokens"]
 
 
 def test_unknown_benchmark_is_one_line():

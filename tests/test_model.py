@@ -135,7 +135,7 @@ def test_kv_cache_matches_full_forward(seed):
     x = torch.randint(0, 97, (2, 30))
     full = model(x)
     cache = KVCache(model.config, 2, 30, "cpu", torch.float64)
-    assert len(cache.k) == 2 and cache.k[0].shape == (2, 1, 30, 8)  # GQA width: one KV head, never repeated per query head
+    assert len(cache.k) == 2 and cache.k[0].shape == (2, 1, 30, 8)  # GQA width: one KV head, not one per query head
     pieces = [model(x[:, a:b], cache=cache) for a, b in ((0, 11), (11, 12), (12, 20), (20, 30))]
     torch.testing.assert_close(torch.cat(pieces, dim=1), full, rtol=1e-10, atol=1e-10)
 

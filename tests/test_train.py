@@ -123,12 +123,19 @@ def test_checkpoint_killed_midway_leaves_previous_loadable(tmp_path):
     def saved_step(ckpt):
         return json.loads((ckpt / "trainer.json").read_text())["step"]
 
+    def latest_step():
+        ckpt = checkpoint.latest(run_dir)
+        try:
+            return 0 if ckpt is None else saved_step(ckpt)
+        except FileNotFoundError:  # the writer deleted it as it was read
+            return 0
+
     last = 0
     for attempt in range(4):
         proc = subprocess.Popen([sys.executable, "-c", KILLER.format(start=last), str(run_dir)], cwd=ROOT,
                                 stderr=subprocess.PIPE)
         deadline = time.time() + 60
-        while time.time() < deadline and (checkpoint.latest(run_dir) is None or saved_step(checkpoint.latest(run_dir)) <= last):
+        while time.time() < deadline and latest_step() <= last:
             time.sleep(0.05)
         time.sleep(0.1 + 0.15 * attempt)  # land somewhere inside a later save
         proc.kill()
@@ -137,10 +144,10 @@ def test_checkpoint_killed_midway_leaves_previous_loadable(tmp_path):
         step = saved_step(checkpoint.latest(run_dir))
         assert step > last
         assert all(torch.all(p == step) for p in model.parameters())
-        # the `checkpoint` link may still name the previous one (killed between the rename and the
-        # link's update), but what it names is complete and consistent
+        # the `checkpoint` link may still name an earlier one (killed between a rename and the link's
+        # update), but what it names is complete and consistent
         linked, _ = llm.load(run_dir / "checkpoint")
-        assert saved_step(run_dir / "checkpoint") in (step, step - 1)
+        assert saved_step(run_dir / "checkpoint") <= step
         assert all(torch.all(p == saved_step(run_dir / "checkpoint")) for p in linked.parameters())
         last = step
 

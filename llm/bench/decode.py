@@ -5,9 +5,9 @@ read bandwidth. For each model, dtype, quantization, compile setting and batch s
 tokens/s, the bandwidth the decode step achieves (bytes of weights + KV cache read per step x
 steps/s) and that as a percentage of this machine's read bandwidth, measured here with one large
 matrix-vector product in the same dtype. Then decode latency at 1,000 tokens of context against
-50, transformers' generate on the same weights against ours eager, compiled and int8, in one
-alternating loop (greedy, identical tokens checked), and, for a
-trained checkpoint (--ckpt), how far int8 moves its logits and greedy tokens.
+50; transformers' generate on the same weights against ours (eager, and compiled with --compile,
+int8 with int8 in --quantize) in one alternating loop, greedy, identical tokens checked; and, for
+a trained checkpoint (--ckpt), how far int8 moves its logits and greedy tokens.
 
     python -m llm.bench decode                                   # default + llama-small shapes
     python -m llm.bench decode --config llama-small --batch 1 --compile --json out.json
@@ -190,10 +190,10 @@ def compare_with_transformers(model, variants: dict, new_tokens: int, repeats: i
     speed = {name: new_tokens / statistics.median(r) for name, r in runs.items()}
     rows = []
     for name in variants:
-        same = torch.equal(outputs[name], outputs["transformers"])
+        differ = outputs[name] != outputs["transformers"]
         rows.append({"ours": name, "tokens_per_s": speed[name], "ratio": speed[name] / speed["transformers"],
-                     "identical_tokens": same,
-                     "first_difference": None if same else int((outputs[name] != outputs["transformers"]).int().argmax())})
+                     "identical_tokens": not differ.any().item(),
+                     "first_difference": int(differ.int().argmax()) if differ.any() else None})
     return {"dtype": str(dtype).removeprefix("torch."), "new_tokens": new_tokens,
             "transformers_tokens_per_s": speed["transformers"], "ours": rows}
 
@@ -201,8 +201,9 @@ def compare_with_transformers(model, variants: dict, new_tokens: int, repeats: i
 @torch.inference_mode()
 def quantization_quality(model, tokens: int = 256, compile_backend: str | None = None) -> dict:
     """int8 against the model as it is: logit difference and greedy agreement (teacher-forced on the
-    float model's own greedy continuation, and free-running, also through a compiled step, which at
-    batch 1 computes int8 products in fp32) over `tokens` tokens (fewer if the context is shorter)."""
+    float model's own greedy continuation, and free-running, also through a step compiled with
+    `compile_backend`: under inductor on CPU it computes int8 products in fp32 at batch 1) over
+    `tokens` tokens (fewer if the context is shorter)."""
     tokens = min(tokens, model.config.block_size - 8)
     prompt = [torch.randint(0, model.config.vocab_size, (8,)).tolist()]
 
@@ -213,7 +214,7 @@ def quantization_quality(model, tokens: int = 256, compile_backend: str | None =
         return int((a == b).int().cumprod(1).sum())
 
     reference = greedy(model)
-    quantized = for_decoding(copy.deepcopy(model), "int8")
+    quantized = for_decoding(copy.deepcopy(model), "int8", compile_backend)
     sequence = torch.cat([torch.tensor(prompt, device=reference.device), reference], dim=1)
     logits, logits8 = model(sequence)[0, 7:-1].float(), quantized(sequence)[0, 7:-1].float()
     result = {"tokens": tokens, "max_abs_logit_diff": (logits - logits8).abs().max().item(),
@@ -221,7 +222,8 @@ def quantization_quality(model, tokens: int = 256, compile_backend: str | None =
               "teacher_forced_agreement": (logits.argmax(-1) == logits8.argmax(-1)).float().mean().item(),
               "free_running_identical_tokens": identical(reference, greedy(quantized))}
     if compile_backend:
-        result["free_running_identical_tokens_compiled"] = identical(reference, greedy(quantized, CompiledStep(compile_backend)))
+        compiled = greedy(quantized, CompiledStep(compile_backend))
+        result["free_running_identical_tokens_compiled"] = identical(reference, compiled)
     return result
 
 
@@ -328,7 +330,7 @@ def speed_rows(name: str, base, args, bandwidth: dict) -> list[dict]:
         if key not in bandwidth:
             bandwidth[key] = read_bandwidth(args.device, dtype, method != "none")
         for compiled in [None] + [args.compile] * bool(args.compile):
-            model = for_decoding(copy.deepcopy(base), None if method == "none" else method)
+            model = for_decoding(copy.deepcopy(base), None if method == "none" else method, compiled)
             step = CompiledStep(compiled) if compiled else decode_one
             for batch in args.batch:
                 row = {"model": name, "parameters": base.num_params(), "dtype": str(dtype).removeprefix("torch."),
@@ -350,7 +352,7 @@ def transformers_rows(name: str, base, prepared, args) -> list[dict]:
     if args.compile:
         variants["compiled"] = (prepared, CompiledStep(args.compile))
     if "int8" in args.quantize:
-        int8 = for_decoding(copy.deepcopy(base), "int8")
+        int8 = for_decoding(copy.deepcopy(base), "int8", args.compile)
         variants["int8"] = (int8, decode_one)
         if args.compile:
             variants["int8 compiled"] = (int8, CompiledStep(args.compile))

@@ -191,9 +191,9 @@ def compare_with_transformers(model, variants: dict, new_tokens: int, repeats: i
     rows = []
     for name in variants:
         differ = outputs[name] != outputs["transformers"]
+        same = not differ.any()
         rows.append({"ours": name, "tokens_per_s": speed[name], "ratio": speed[name] / speed["transformers"],
-                     "identical_tokens": not differ.any().item(),
-                     "first_difference": int(differ.int().argmax()) if differ.any() else None})
+                     "identical_tokens": same, "first_difference": None if same else int(differ.int().argmax())})
     return {"dtype": str(dtype).removeprefix("torch."), "new_tokens": new_tokens,
             "transformers_tokens_per_s": speed["transformers"], "ours": rows}
 
@@ -326,11 +326,11 @@ def speed_rows(name: str, base, args, bandwidth: dict) -> list[dict]:
           f"{'read GB/s':>9} {'of read':>7}")
     rows = []
     for method in args.quantize:
+        model = for_decoding(copy.deepcopy(base), None if method == "none" else method, args.compile)  # eager too
         key = (dtype, method != "none")
         if key not in bandwidth:
             bandwidth[key] = read_bandwidth(args.device, dtype, method != "none")
         for compiled in [None] + [args.compile] * bool(args.compile):
-            model = for_decoding(copy.deepcopy(base), None if method == "none" else method, compiled)
             step = CompiledStep(compiled) if compiled else decode_one
             for batch in args.batch:
                 row = {"model": name, "parameters": base.num_params(), "dtype": str(dtype).removeprefix("torch."),

@@ -13,15 +13,16 @@ import time
 import torch
 
 import llm
+from llm import runtime
 from llm.errors import ArgumentParser, HelpFormatter, UserError, exit_on_user_error
-from llm.generate import CompiledStep, Sampling, check_compile_backend, complete, decode_one
-from llm.quantize import METHODS, check_method, for_decoding
-from llm.viz import check_layer_and_head, save_attention_map
+from llm.infer.generate import CompiledStep, Sampling, check_compile_backend, complete, decode_one
+from llm.infer.quantize import METHODS, check_method, for_decoding
+from llm.infer.viz import check_layer_and_head, save_attention_map
 
 
 def parse(argv):
     p = ArgumentParser(description=__doc__.splitlines()[0], formatter_class=HelpFormatter)
-    p.add_argument("--ckpt", default="out", help="run directory or Hugging Face Llama directory")
+    p.add_argument("--ckpt", default="out", help="run directory, checkpoint folder or Hugging Face directory")
     p.add_argument("--prompt", action="append", help="prompt text, '-' for stdin; repeat for a batch")
     p.add_argument("--prompt_file", action="append", help="a file whose whole text is one prompt; repeatable")
     p.add_argument("--num_samples", type=int, default=1, help="completions per prompt")
@@ -86,11 +87,9 @@ def main(argv) -> int:
             sampling = Sampling(args.temperature, args.top_k, args.top_p)
         except ValueError as e:
             raise UserError(str(e))
-        device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
-                              "cpu" if args.device == "auto" else args.device)
-        dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16,
-                 "auto": torch.bfloat16 if device.type == "cuda" else torch.float32}[args.dtype]
-        model, tokenizer = llm.load(args.ckpt, device=device, dtype=dtype)
+        device = runtime.choose_device(args.device)
+        dtype = runtime.inference_dtype(args.dtype, device.value)
+        model, tokenizer = llm.load(args.ckpt, device=device.value, dtype=dtype.value)
         if args.attention_png:
             check_layer_and_head(model.config, args.attention_layer, args.attention_head)
         if args.attention:
@@ -124,7 +123,7 @@ def main(argv) -> int:
                 print(prompt + result["text"])
                 print("-" * 40)
         n_tokens = sum(len(r["ids"]) for r in results)
-        how = ["no cache" if args.no_cache else "KV cache", str(device), str(dtype).removeprefix("torch.")]
+        how = ["no cache" if args.no_cache else "KV cache", f"device {device}", f"dtype {dtype}", runtime.threads()]
         how += [compiled + ")"] * bool(args.compile) + [args.quantize] * bool(args.quantize)
         print(f"{n_tokens} tokens in {seconds:.2f} s: {n_tokens / seconds:.1f} tokens/s "
               f"(batch {len(prompts)}, {', '.join(how)})", file=sys.stderr)

@@ -11,10 +11,10 @@ Every setting in llm/config.py is a flag; `python train.py --help` lists them.
 import sys
 
 from llm.config import LaunchConfig, parse_args
-from llm.distributed import exit_process
+from llm.train.distributed import exit_process
 from llm.errors import exit_on_user_error
-from llm.launch import configure
-from llm.trainer import train
+from llm.train.launch import configure
+from llm.train.trainer import train
 
 
 def main(argv: list[str]) -> int:
@@ -23,7 +23,7 @@ def main(argv: list[str]) -> int:
         resume = LaunchConfig(resume=overrides.get("resume", "false")).resume
         if name is None and resume != "true" and not overrides.get("init_from"):
             name = "default"  # a new run (or --resume=auto): the default config
-        return train(configure(name, overrides))
+        return train(*configure(name, overrides))
 
 
 if __name__ == "__main__":

@@ -15,7 +15,7 @@ import typing
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
-from llm.attention import BACKENDS
+from llm.model.attention import BACKENDS
 from llm.errors import ArgumentParser, UserError
 
 
@@ -156,7 +156,8 @@ class TrainConfig:
 class RuntimeConfig:
     """How this process runs the training: free to change when a run is resumed."""
     device: str = option("auto", "auto | cpu | cuda | cuda:N")
-    dtype: str = option("auto", "auto (bfloat16 on CUDA and on CPUs with AMX, float32 elsewhere) | float32 | bfloat16")
+    dtype: str = option("auto", "auto (bfloat16 on CUDA and on CPUs with AMX; measured once per machine and model "
+                                "shape on CPUs with AVX512-BF16 only; float32 elsewhere) | float32 | bfloat16")
     compile: bool = option(False, "torch.compile the model")
     attention: str = option("auto", "attention backend: auto (our Triton kernel where it supports the shape, else sdpa) | naive | sdpa | triton")
     activation_checkpointing: bool = option(False, "recompute each block's activations in backward")
@@ -187,7 +188,7 @@ class LaunchConfig:
     resume: str = option("false", "continue the run in out_dir (--resume); auto: continue it if it has a checkpoint, "
                                   "else start it (the same command serves the first start and every requeue)", flag=True)
     overwrite: bool = option(False, "replace a run already in out_dir (once the new one is ready to start)")
-    init_from: str | None = option(None, "start from this run's (or Hugging Face Llama directory's) weights with a fresh optimizer")
+    init_from: str | None = option(None, "start from this run's (or Hugging Face directory's) weights with a fresh optimizer")
 
     def __post_init__(self):
         resume = str(self.resume).lower()
@@ -208,6 +209,10 @@ class RunConfig:
     def to_dict(self) -> dict:
         """The saved settings (run.json): everything but the launch options."""
         return {"model": asdict(self.model), "train": asdict(self.train), "runtime": asdict(self.runtime)}
+
+    def to_saved(self) -> dict:
+        """run.json: the saved settings, and where the run's first weights came from."""
+        return {**self.to_dict(), "init_from": self.launch.init_from}
 
     @classmethod
     def from_dict(cls, d: dict) -> "RunConfig":

@@ -19,11 +19,11 @@ import torch.nn.functional as F
 from tokenizers import pre_tokenizers
 from tqdm import tqdm
 
-from llm.checkpoint import load
-from llm.data import BATCH_BYTES, batched_by_bytes, open_corpus, pieces
-from llm.distributed import pick_device
+from llm import runtime
+from llm.formats.load import load
+from llm.train.data import BATCH_BYTES, batched_by_bytes, open_corpus, pieces
 from llm.errors import ArgumentParser, UserError, exit_on_user_error
-from llm.tokenizer import Tokenizer
+from llm.model.tokenizer import Tokenizer
 
 SPACE_MARK = "\u2581"  # "▁": SentencePiece's visible space (Metaspace)
 BYTE_TOKEN = re.compile(r"<0x[0-9A-Fa-f]{2}>")  # a byte-fallback token
@@ -185,22 +185,18 @@ def parse_args(argv):
     parser.add_argument("--block_size", type=positive_int, help="context of each window (default: the model's)")
     parser.add_argument("--batch_size", type=positive_int, default=8, help="windows per forward pass (default: 8)")
     parser.add_argument("--max_tokens", type=positive_int, help="predict at most this many tokens (default: all)")
-    parser.add_argument("--device", default="auto",
-                        help="auto (cuda if available) | cpu | cuda | cuda:N (default: auto)")
-    parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"), help="(default: float32)")
+    parser.add_argument("--device", default="auto", help="auto (cuda if available) | cpu | cuda | cuda:N (default: auto)")
+    parser.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16"),
+                        help="auto: bfloat16 on CUDA, float32 on CPU (default: auto)")
     return parser.parse_args(argv)
 
 
 def main(argv=None):
     with exit_on_user_error():
         args = parse_args(sys.argv[1:] if argv is None else argv)
-        try:
-            device = pick_device(args.device)
-        except RuntimeError as e:
-            raise UserError(f"--device {args.device}: {e}")
-        if device.type == "cuda" and not torch.cuda.is_available():
-            raise UserError(f"--device {args.device}: no CUDA device is available")
-        model, tokenizer = load(args.ckpt, device=device, dtype=getattr(torch, args.dtype))
+        device = runtime.choose_device(args.device)
+        dtype = runtime.inference_dtype(args.dtype, device.value)
+        model, tokenizer = load(args.ckpt, device=device.value, dtype=dtype.value)
         block_size = args.block_size or model.config.block_size
         if block_size > model.config.block_size:
             raise UserError(f"--block_size {block_size} exceeds the model's context of {model.config.block_size}")
@@ -210,6 +206,7 @@ def main(argv=None):
         loss = nats / n_tokens
         print(f"checkpoint: {args.ckpt} ({model.num_params():,} parameters) | block_size {block_size} | "
               f"{args.data}: {documents:,} documents")
+        print(f"device: {device} | dtype: {dtype} | {runtime.threads()}")
         print(f"tokens: {n_tokens:,} predicted | bytes: {n_bytes:,} ({n_bytes / n_tokens:.2f} per token)")
         print(f"loss: {loss:.6f} nats/token | perplexity: {math.exp(min(loss, 50)):.4f} | "
               f"bits per byte: {bits_per_byte(nats, n_bytes) if n_bytes else float('nan'):.6f}")

@@ -18,16 +18,21 @@ import shutil
 import sys
 from pathlib import Path
 
-from llm.checkpoint import holds_run, sync_dir
+import torch
+
 from llm.errors import ArgumentParser, UserError, exit_on_user_error
-from llm.hf import export_llama
+from llm.files import sync_dir
+from llm.formats.hf import check_exportable, write_llama
+from llm.formats.load import load
+from llm.formats.run_dir import holds_run
 
 
 def parse(argv):
     doc = __doc__.split("\n\n")
     p = ArgumentParser(prog="python -m llm.export", description=doc[0], epilog="\n\n".join(doc[1:]),
                formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False)
-    p.add_argument("--ckpt", required=True, help="run directory (as train.py writes it) to export")
+    p.add_argument("--ckpt", required=True, help="what to export: a run directory, a checkpoint folder, or any "
+                                                 "directory llm.load reads")
     p.add_argument("--out", required=True, help="the Hugging Face directory to create")
     p.add_argument("--overwrite", action="store_true", help="replace --out if it exists and is not empty")
     return p.parse_args(argv)
@@ -50,9 +55,11 @@ def check_target(ckpt: Path, out: Path, overwrite: bool):
 def export(ckpt, out, overwrite: bool = False) -> Path:
     """Export run directory `ckpt` to `out`, atomically: build beside it, then rename into place."""
     ckpt, out = Path(ckpt), Path(out)
-    if not ckpt.is_dir():
-        raise UserError(f"--ckpt {ckpt} does not exist or is not a directory")
+    if not ckpt.exists():
+        raise UserError(f"--ckpt {ckpt} does not exist")
     check_target(ckpt, out, overwrite)
+    model, tokenizer = load(ckpt, dtype=torch.float32)
+    check_exportable(model.config)
     try:
         out.absolute().parent.mkdir(parents=True, exist_ok=True)
         tmp = out.absolute().parent / f".{out.name}.tmp-{secrets.token_hex(4)}"
@@ -61,7 +68,7 @@ def export(ckpt, out, overwrite: bool = False) -> Path:
         raise UserError(f"cannot create --out {out}: {e.strerror or e}")
     old = None
     try:
-        export_llama(ckpt, tmp)
+        write_llama(model, tokenizer, tmp)
         sync_dir(tmp)
         if out.exists():
             old = tmp.with_name(f".{out.name}.old-{secrets.token_hex(4)}")

@@ -29,7 +29,7 @@ def corpus(tmp_path_factory):
     """About 40 standard-library modules (~1 MB): enough tokens for the tiny config's windows."""
     import shutil
 
-    from llm.data import stdlib_sources
+    from llm.train.data import stdlib_sources
 
     directory = tmp_path_factory.mktemp("corpus")
     files = [f for f in stdlib_sources() if "/test/" not in f and "/idlelib/" not in f][:40]

@@ -5,7 +5,7 @@ import os
 import torch
 
 from llm.config import ModelConfig
-from llm.model import Transformer
+from llm.model.transformer import Transformer
 
 OPTIONS = {
     "norm": ("rmsnorm", "layernorm"),

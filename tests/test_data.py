@@ -6,11 +6,11 @@ import os
 import numpy as np
 import pytest
 
-from llm import data
-from llm.data import (batched_by_bytes, eval_windows, is_validation, open_corpus, prepare_tokens, split_tokens,
+from llm.train import data
+from llm.train.data import (batched_by_bytes, eval_windows, is_validation, open_corpus, prepare_tokens, split_tokens,
                       stdlib_sources, token_dtype, train_or_load_tokenizer, train_windows)
 from llm.errors import UserError
-from llm.tokenizer import Tokenizer
+from llm.model.tokenizer import Tokenizer
 
 
 def make_docs(directory, n=30):

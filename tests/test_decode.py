@@ -8,9 +8,9 @@ import torch._dynamo
 from safetensors.torch import save_file
 from torch._dynamo.testing import CompileCounter
 
-from llm.generate import CompiledStep, Sampling, decode_one, generate, left_pad
-from llm.kv_cache import KVCache
-from llm.tokenizer import Tokenizer
+from llm.infer.generate import CompiledStep, Sampling, decode_one, generate, left_pad
+from llm.infer.kv_cache import KVCache
+from llm.model.tokenizer import Tokenizer
 from sample import main as sample_main
 from tests.helpers import grid_id, option_grid, tiny_model
 

@@ -85,7 +85,7 @@ def test_consolidated_weights_load_without_torchrun(runs):
 
 
 def test_activation_checkpointing_changes_nothing_but_memory(seed):
-    from llm.distributed import Dist, parallelize
+    from llm.train.distributed import Dist, parallelize
     from tests.helpers import tiny_model
 
     x = torch.randint(0, 97, (2, 17))
@@ -129,7 +129,7 @@ def test_an_error_on_a_rank_ends_the_job_with_one_line(tmp_path):
 
 def test_one_text_file_under_torchrun_with_the_same_command_resumed(cache_dir, tmp_path):
     """Two processes, one plain-text file (one document: split by tokens), then the same command + --resume."""
-    from llm.data import stdlib_sources
+    from llm.train.data import stdlib_sources
 
     text = tmp_path / "input.txt"
     text.write_text("".join(open(f, encoding="utf-8", errors="replace").read() for f in stdlib_sources()[:40])[:200_000])
@@ -138,7 +138,7 @@ def test_one_text_file_under_torchrun_with_the_same_command_resumed(cache_dir, t
     run(command + ["--max_steps", "2"])
     result = run(command + ["--max_steps", "4", "--resume"])
     assert "resuming from" in result.stdout
-    assert json.loads((llm.checkpoint.latest(tmp_path / "run") / "trainer.json").read_text())["step"] == 4
+    assert json.loads((llm.formats.run_dir.latest(tmp_path / "run") / "trainer.json").read_text())["step"] == 4
     assert sorted(losses(tmp_path / "run")) == [2, 4]  # the last step of each command is logged
 
 
@@ -160,7 +160,7 @@ def test_muon_state_is_sharded_and_reshards(corpus, cache_dir, tmp_path):
 @pytest.mark.parametrize("rank", [None, "1"])
 def test_a_torchrun_worker_exits_without_interpreter_teardown(rank):
     """Exit status and flushed output always; atexit (and with it gloo's teardown) only outside torchrun."""
-    program = ("import atexit, sys; from llm.distributed import exit_process\n"
+    program = ("import atexit, sys; from llm.train.distributed import exit_process\n"
                "atexit.register(lambda: print('teardown'))\n"
                "print('last words', end=''); print('on stderr', file=sys.stderr, end=''); exit_process(3)")
     env = {k: v for k, v in os.environ.items() if k != "RANK"} | ({"RANK": rank} if rank else {})

@@ -20,7 +20,7 @@ from tokenizers import Tokenizer as HFTokenizer
 from tokenizers import decoders, models, normalizers, pre_tokenizers, processors, trainers
 
 from llm.eval import bits_per_byte, evaluate_tokens, main, read_tokens, target_bytes, windows
-from llm.tokenizer import Tokenizer
+from llm.model.tokenizer import Tokenizer
 from tests.helpers import tiny_model
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -264,7 +264,7 @@ GOOD = ["--ckpt", "{p}/run", "--data", "{p}/data"]
 
 @pytest.mark.parametrize("args, message", [
     (["--ckpt", "{p}/missing", "--data", "{p}/data"], "checkpoint {p}/missing does not exist or is not a directory"),
-    (["--ckpt", "{p}/data", "--data", "{p}/data"], "{p}/data/config.json does not exist"),
+    (["--ckpt", "{p}/data", "--data", "{p}/data"], "{p}/data holds no checkpoint (no config.json"),
     (["--ckpt", "{p}/run", "--data", "{p}/nothing-here"], "no files found at {p}/nothing-here"),
     (["--ckpt", "{p}/run", "--data", "{p}/empty"], "{p}/empty holds no text"),
     (GOOD + ["--block_size", "0"], "argument --block_size: expects a positive integer, got '0'"),

@@ -12,12 +12,12 @@ from hypothesis import strategies as st
 from safetensors.torch import save_file
 
 import llm
-import llm.attention
-import llm.generate
-from llm.attention import TRITON_DTYPES, TRITON_HEAD_DIMS, resolve_backend
-from llm.generate import CompiledStep, Sampling, TextStream, complete, filter_logits, generate, sample
-from llm.tokenizer import Tokenizer
-from llm.viz import attention_map
+import llm.model.attention
+import llm.infer.generate
+from llm.model.attention import TRITON_DTYPES, TRITON_HEAD_DIMS, resolve_backend
+from llm.infer.generate import CompiledStep, Sampling, TextStream, complete, filter_logits, generate, sample
+from llm.model.tokenizer import Tokenizer
+from llm.infer.viz import attention_map
 from sample import main as sample_main
 from sample import parse
 from tests.helpers import grid_id, option_grid, tiny_model
@@ -279,7 +279,7 @@ def test_sample_command_keeps_sentencepiece_spaces(tmp_path, capsys, monkeypatch
     tokenizer = FAMILIES["sentencepiece"]()
     run = write_run(tmp_path / "run", tiny_model(0, dtype=torch.float32, vocab_size=tokenizer.vocab_size), tokenizer)
     script = iter(tokenizer.hf.encode(" world again 🐍 done", add_special_tokens=False).ids * num_samples)
-    monkeypatch.setattr(llm.generate, "sample", lambda logits, s, g: torch.tensor([next(script)] * num_samples))
+    monkeypatch.setattr(llm.infer.generate, "sample", lambda logits, s, g: torch.tensor([next(script)] * num_samples))
     assert sample_main(["--ckpt", str(run), "--prompt", "Hello", "--max_new_tokens", "12", "--num_samples",
                         str(num_samples), "--stop", "🐍"]) == 0
     out = capsys.readouterr().out
@@ -320,7 +320,7 @@ def test_stop_strings_keep_non_ascii_and_read_escapes():
 def test_sample_command_stops_at_a_non_ascii_string(run_dir, tokenizer, capsys, monkeypatch):
     """Tokens forced to spell a known text: sample.py's output ends where the stop string begins."""
     script = iter(tokenizer.encode("ab héllo 🐍 你好 cd" * 3))
-    monkeypatch.setattr(llm.generate, "sample", lambda logits, s, g: torch.tensor([next(script)]))
+    monkeypatch.setattr(llm.infer.generate, "sample", lambda logits, s, g: torch.tensor([next(script)]))
     assert sample_main(["--ckpt", str(run_dir), "--prompt", "x", "--max_new_tokens", "40", "--stop", "🐍 你"]) == 0
     assert capsys.readouterr().out == "xab héllo \n"
 
@@ -339,10 +339,10 @@ def test_sample_command_stops_at_a_non_ascii_string(run_dir, tokenizer, capsys, 
     (64, torch.bfloat16, "cuda", 0.1, "sdpa"),  # the kernel has no attention dropout
 ])
 def test_auto_backend_by_capability(monkeypatch, head_dim, dtype, device, dropout, expected):
-    monkeypatch.setattr(llm.attention, "triton_available", lambda: True)  # as on a GPU machine
+    monkeypatch.setattr(llm.model.attention, "triton_available", lambda: True)  # as on a GPU machine
     assert resolve_backend("auto", head_dim, dtype, torch.device(device), dropout) == expected
     assert resolve_backend("naive", head_dim, dtype, torch.device(device), dropout) == "naive"
-    monkeypatch.setattr(llm.attention, "triton_available", lambda: False)
+    monkeypatch.setattr(llm.model.attention, "triton_available", lambda: False)
     assert resolve_backend("auto", head_dim, dtype, torch.device(device), dropout) == "sdpa"
 
 

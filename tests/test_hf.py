@@ -20,9 +20,9 @@ import llm
 from llm.config import ModelConfig
 from llm.errors import UserError
 from llm.export import main as export_main
-from llm.generate import Sampling, generate
-from llm.model import Transformer
-from llm.tokenizer import EOT, Tokenizer
+from llm.infer.generate import Sampling, generate
+from llm.model.transformer import Transformer
+from llm.model.tokenizer import EOT, Tokenizer
 from sample import main as sample_main
 from tests.helpers import fresh_seed  # module-scoped fixtures cannot use the per-test `seed`
 from tests.test_tokenizer import without_eos

@@ -1,12 +1,12 @@
-"""The fused output projection + cross-entropy (llm/loss.py) equals the plain computation, in value
+"""The fused output projection + cross-entropy (llm/model/loss.py) equals the plain computation, in value
 and in both gradients, against float64: across chunk boundaries, with ignored targets and label
 smoothing; and the chunked backward never needs the full logits."""
 import pytest
 import torch
 import torch.nn.functional as F
 
-import llm.loss
-from llm.loss import linear_cross_entropy
+import llm.model.loss
+from llm.model.loss import linear_cross_entropy
 
 
 def reference(x, weight, targets, label_smoothing):
@@ -21,7 +21,7 @@ def reference(x, weight, targets, label_smoothing):
 @pytest.mark.parametrize("rows", [1, 7, 64])
 @pytest.mark.parametrize("label_smoothing", [0.0, 0.1])
 def test_fused_loss_matches_float64_reference(rows, label_smoothing, seed, monkeypatch):
-    monkeypatch.setattr(llm.loss, "CHUNK_ELEMENTS", 3 * 50)  # 3 rows of a 50-token vocabulary per chunk
+    monkeypatch.setattr(llm.model.loss, "CHUNK_ELEMENTS", 3 * 50)  # 3 rows of a 50-token vocabulary per chunk
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(rows, 16, generator=g, requires_grad=True)
     weight = (0.3 * torch.randn(50, 16, generator=g)).requires_grad_()

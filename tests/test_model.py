@@ -7,9 +7,9 @@ import torch
 
 from llm.config import ModelConfig
 from llm.errors import UserError
-from llm.kv_cache import KVCache
-from llm.model import Transformer
-from llm.rope import apply_rope, rope_cache
+from llm.infer.kv_cache import KVCache
+from llm.model.transformer import Transformer
+from llm.model.rope import apply_rope, rope_cache
 from tests.helpers import grid_id, option_grid, tiny_model
 
 GRID = list(option_grid())

@@ -22,8 +22,8 @@ from torch.distributed.checkpoint.state_dict import (
 from torch.distributed.fsdp import fully_shard
 
 from llm.config import TrainConfig
-from llm.distributed import setup, teardown
-from llm.optim import Muon, lr_multiplier, make_optimizers, newton_schulz, set_hyperparameters
+from llm.train.distributed import setup, teardown
+from llm.train.optim import Muon, lr_multiplier, make_optimizers, newton_schulz, set_hyperparameters
 from tests.helpers import tiny_model
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -297,7 +297,7 @@ def fsdp_worker(seed: int, out: Path, resume_from: Path | None = None):
         def build():
             # Unevenly sharded: 75 FFN rows and 97 vocabulary rows on 2 processes.
             model = tiny_model(seed, dtype=torch.float64, ffn_hidden=75, tie_embeddings=False).train()
-            if d.enabled:  # as llm.distributed.parallelize, but reducing gradients in float64
+            if d.enabled:  # as llm.train.distributed.parallelize, but reducing gradients in float64
                 for block in model.layers:
                     fully_shard(block)
                 fully_shard(model)

@@ -13,12 +13,12 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch._dynamo.testing import CompileCounterWithBackend
 
-import llm.quantize
+import llm.infer.quantize
 from llm.config import ModelConfig
-from llm.generate import CompiledStep, Sampling, decode_one, generate
-from llm.kv_cache import KVCache
-from llm.model import Transformer
-from llm.quantize import Int8Linear, PackedLinear, TransposedLinear, for_decoding, quantize_int8
+from llm.infer.generate import CompiledStep, Sampling, decode_one, generate
+from llm.infer.kv_cache import KVCache
+from llm.model.transformer import Transformer
+from llm.infer.quantize import Int8Linear, PackedLinear, TransposedLinear, for_decoding, quantize_int8
 from sample import main as sample_main
 from tests.helpers import fresh_seed, grid_id, option_grid, tiny_model
 
@@ -87,7 +87,7 @@ def test_packed_layout_computes_the_same(options, seed, monkeypatch):
     with a copied layer that outlives the original. Small matrices keep the transposed layout by default."""
     model = tiny_model(seed, dtype=torch.float32, **options)
     assert isinstance(for_decoding(copy.deepcopy(model)).output, TransposedLinear)  # 97 x 32: too small to pay
-    monkeypatch.setitem(llm.quantize.MIN_PACKED_BYTES, torch.float32, 0)
+    monkeypatch.setitem(llm.infer.quantize.MIN_PACKED_BYTES, torch.float32, 0)
     x = torch.randint(0, 97, (3, 20))
     prompt = x[0, :5].tolist()
 
@@ -114,7 +114,7 @@ def test_packed_layout_computes_the_same(options, seed, monkeypatch):
         key = model.output.key
         model.output = head
         gc.collect()
-        assert key not in llm.quantize._PACKED  # the registry holds no layer that is gone
+        assert key not in llm.infer.quantize._PACKED  # the registry holds no layer that is gone
         assert torch.equal(greedy(model, CompiledStep(counter)), expected)  # the same step: it recompiles
         assert counter.frame_count == 2
 
@@ -123,7 +123,7 @@ def test_packed_layout_computes_the_same(options, seed, monkeypatch):
 def test_compiled_step_reads_the_packed_weights_of_the_model_it_is_given(seed, monkeypatch):
     """The packed weights are found by key, a constant of the compiled graph: a step compiled for one
     model and then given another of the same shapes must recompile, not compute with the first's weights."""
-    monkeypatch.setitem(llm.quantize.MIN_PACKED_BYTES, torch.float32, 0)
+    monkeypatch.setitem(llm.infer.quantize.MIN_PACKED_BYTES, torch.float32, 0)
     models = [for_decoding(tiny_model(seed + i, dtype=torch.float32)) for i in range(2)]
     counter = CompileCounterWithBackend("aot_eager")
     step = CompiledStep(counter)

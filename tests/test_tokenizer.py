@@ -8,7 +8,7 @@ from tokenizers import AddedToken, decoders, models, normalizers, pre_tokenizers
 from tokenizers import Tokenizer as HFTokenizer
 
 from llm.errors import UserError
-from llm.tokenizer import EOT, StreamDecoder, Tokenizer
+from llm.model.tokenizer import EOT, StreamDecoder, Tokenizer
 
 CORPUS = [
     "def add(a, b):\n    return a + b\n",

@@ -12,7 +12,7 @@ import torch
 from safetensors.torch import load_file
 
 import llm
-from llm import checkpoint
+from llm.formats.run_dir import latest
 from train import main
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -97,11 +97,11 @@ def test_sigint_checkpoints_and_resumes_exactly(corpus, cache_dir, tmp_path):
 KILLER = """
 import sys, torch
 from pathlib import Path
-from llm import checkpoint
+from llm.train import checkpoint
 from llm.config import resolve
-from llm.distributed import Dist
-from llm.model import Transformer
-from llm.tokenizer import Tokenizer
+from llm.train.distributed import Dist
+from llm.model.transformer import Transformer
+from llm.model.tokenizer import Tokenizer
 run = resolve("tiny", {{}})
 model = Transformer(run.model)
 optimizer = torch.optim.AdamW(model.parameters())
@@ -112,7 +112,7 @@ while True:
     with torch.no_grad():
         for p in model.parameters():
             p.fill_(step)  # the weights say which step they belong to
-    checkpoint.save(Path(sys.argv[1]), step, model, optimizer, tokenizer, run, Dist(), {{"tokens_seen": step}})
+    checkpoint.save(Path(sys.argv[1]), checkpoint.Progress(step=step, tokens_seen=step), model, optimizer, tokenizer, run, Dist())
 """
 
 
@@ -124,7 +124,7 @@ def test_checkpoint_killed_midway_leaves_previous_loadable(tmp_path):
         return json.loads((ckpt / "trainer.json").read_text())["step"]
 
     def latest_step():
-        ckpt = checkpoint.latest(run_dir)
+        ckpt = latest(run_dir)
         try:
             return 0 if ckpt is None else saved_step(ckpt)
         except FileNotFoundError:  # the writer deleted it as it was read
@@ -141,7 +141,7 @@ def test_checkpoint_killed_midway_leaves_previous_loadable(tmp_path):
         proc.kill()
         proc.wait()
         model, _ = llm.load(run_dir)  # the latest complete checkpoint, whatever instant the kill hit
-        step = saved_step(checkpoint.latest(run_dir))
+        step = saved_step(latest(run_dir))
         assert step > last
         assert all(torch.all(p == step) for p in model.parameters())
         # the `checkpoint` link may still name an earlier one (killed between a rename and the link's
@@ -247,7 +247,7 @@ def test_compiled_model_saves_plain_names(corpus, cache_dir, tmp_path, monkeypat
 def test_checkpoint_config_must_match_weights(corpus, cache_dir, tmp_path):
     out = tmp_path / "run"
     assert main(args(corpus, cache_dir, out, "--max_steps", "1")) == 0
-    ckpt = checkpoint.latest(out)
+    ckpt = latest(out)
     config = json.loads((ckpt / "config.json").read_text())
     (ckpt / "config.json").write_text(json.dumps({**config, "d_model": 128, "ffn_hidden": None}))
     with pytest.raises(llm.errors.UserError, match="config.json does not match model.safetensors"):
@@ -257,7 +257,7 @@ def test_checkpoint_config_must_match_weights(corpus, cache_dir, tmp_path):
 def test_truncated_weights(corpus, cache_dir, tmp_path):
     out = tmp_path / "run"
     assert main(args(corpus, cache_dir, out, "--max_steps", "1")) == 0
-    path = checkpoint.latest(out) / "model.safetensors"
+    path = latest(out) / "model.safetensors"
     path.write_bytes(path.read_bytes()[: os.path.getsize(path) // 2])
     with pytest.raises(llm.errors.UserError, match="not a valid safetensors file"):
         llm.load(out)
@@ -269,7 +269,7 @@ def test_truncated_weights(corpus, cache_dir, tmp_path):
 @pytest.fixture(scope="module")
 def text_file(tmp_path_factory):
     """One plain-text file, tinyshakespeare-sized: the most common first run."""
-    from llm.data import stdlib_sources
+    from llm.train.data import stdlib_sources
 
     text = "".join(open(f, encoding="utf-8", errors="replace").read() for f in stdlib_sources()[:60])[:360_000]
     path = tmp_path_factory.mktemp("one_file") / "input.txt"
@@ -310,14 +310,14 @@ def test_training_settings_change_on_resume_and_take_effect(corpus, cache_dir, t
     printed = capsys.readouterr().out
     for change in ("weight_decay 0.1 -> 0.05", "beta1 0.9 -> 0.8", "beta2 0.95 -> 0.9", "lr 0.003 -> 0.001"):
         assert change in printed
-    saved = json.loads((checkpoint.latest(out) / "run.json").read_text())["train"]
+    saved = json.loads((latest(out) / "run.json").read_text())["train"]
     assert (saved["weight_decay"], saved["beta1"], saved["lr"]) == (0.05, 0.8, 1e-3)
     # the optimizer used them: its saved state carries the new values, not the restored old ones
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.default_planner import _EmptyStateDictLoadPlanner
 
     state = {}
-    dcp.state_dict_loader._load_state_dict(state, dcp.FileSystemReader(checkpoint.latest(out) / "state"),
+    dcp.state_dict_loader._load_state_dict(state, dcp.FileSystemReader(latest(out) / "state"),
                                            planner=_EmptyStateDictLoadPlanner(), no_dist=True)
     groups = state["optim"]["param_groups"]
     assert {g["weight_decay"] for g in groups} == {0.05, 0.0} and {tuple(g["betas"]) for g in groups} == {(0.8, 0.9)}
@@ -346,7 +346,7 @@ def test_init_from_run_resumes_like_any_other(corpus, cache_dir, tmp_path):
     assert main(command + ["--max_steps", "2"]) == 0
     assert json.loads((tmp_path / "tuned" / "run.json").read_text())["init_from"] == str(source)
     assert main(command + ["--max_steps", "4", "--resume"]) == 0
-    assert json.loads((checkpoint.latest(tmp_path / "tuned") / "trainer.json").read_text())["step"] == 4
+    assert json.loads((latest(tmp_path / "tuned") / "trainer.json").read_text())["step"] == 4
     assert main(command[:-4] + ["--out_dir", str(tmp_path / "direct"), "--init_from", str(source),
                                 "--decay_steps", "4", "--max_steps", "4"]) == 0
     assert_bit_identical(weights(tmp_path / "direct"), weights(tmp_path / "tuned"))
@@ -384,13 +384,13 @@ def test_overwrite_with_bad_input_keeps_the_old_run(corpus, cache_dir, tmp_path,
         assert {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
     assert main(args(corpus, cache_dir, out, "--max_steps", "1", "--overwrite")) == 0
     assert [p.name for p in out.iterdir() if p.name.startswith(".replaced")] == []  # dropped after the new checkpoint
-    assert json.loads((checkpoint.latest(out) / "trainer.json").read_text())["step"] == 1
+    assert json.loads((latest(out) / "trainer.json").read_text())["step"] == 1
 
 
 @pytest.fixture
 def poisoned_steps(monkeypatch):
     """Make the training loss NaN at chosen (1-based) training forward passes of each new model."""
-    from llm.model import Transformer
+    from llm.model.transformer import Transformer
 
     bad = set()
     forward = Transformer.forward
@@ -426,19 +426,19 @@ def test_consecutive_bad_steps_stop_the_run_and_keep_the_checkpoint(corpus, cach
     assert exit_info.value.code == 2
     err = capsys.readouterr().err
     assert "3 steps in a row had a non-finite loss or gradient norm (up to step 5)" in err and "Traceback" not in err
-    ckpt = checkpoint.latest(out)
+    ckpt = latest(out)
     assert ckpt.name == "ckpt-0000004"  # step 4 (skipped, weights still good) was the last save
     assert all(torch.isfinite(w).all() for w in weights(out).values())
 
 
 @pytest.mark.parametrize("first", ["float32", "bfloat16"])
 def test_resumed_run_keeps_the_dtype_auto_would_decide_again(corpus, cache_dir, tmp_path, capsys, first):
-    """--dtype auto may measure (llm/device.py); a resumed run does not measure again but keeps the
+    """--dtype auto may measure (llm/runtime.py); a resumed run does not measure again but keeps the
     dtype it trained in, whichever that was and whatever this machine would pick now."""
     out = tmp_path / "run"
     assert main(args(corpus, cache_dir, out, "--max_steps", "2", "--dtype", first)) == 0
     capsys.readouterr()
     assert main(args(corpus, cache_dir, out, "--max_steps", "4", "--dtype", "auto", "--resume")) == 0
     printed = capsys.readouterr().out
-    assert f"dtype: torch.{first}" in printed and "dtype auto:" not in printed
+    assert f"dtype: {first} (auto: the dtype this run has trained in)" in printed
     assert json.loads((out / "checkpoint" / "trainer.json").read_text())["dtype"] == first

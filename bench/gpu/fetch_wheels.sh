@@ -7,7 +7,7 @@
 #
 # The machine has torch 2.11, triton 3.6, numpy, safetensors, tokenizers, transformers, tqdm,
 # matplotlib, pytest, hypothesis, pyarrow, pandas, xxhash, fsspec and huggingface_hub, but no
-# `datasets` (corpora in llm/data.py, its tests) and not dill or multiprocess, which it needs.
+# `datasets` (corpora in llm/train/data.py, its tests) and not dill or multiprocess, which it needs.
 # datasets 5.2 wants pyarrow >= 24: if the suite's versions.txt shows an older one, fetch it too
 # with --with-pyarrow (49 MB of the 64 MB that may travel with the checkout).
 set -euo pipefail

@@ -9,9 +9,9 @@ Each command's --help (after its name) lists its options.
 """
 import torch
 
-from llm.device import cpu_flags, cpu_name
+from llm.runtime import cpu_flags, cpu_name
 
-CPU_FLAGS = ("avx512_bf16", "amx_bf16")  # the ones that decide bf16's speed (llm/device.py)
+CPU_FLAGS = ("avx512_bf16", "amx_bf16")  # the ones that decide bf16's speed (llm/runtime.py)
 
 
 def machine() -> str:

@@ -24,11 +24,11 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from llm.bench import machine, sync
-from llm.device import native_bf16
+from llm.runtime import choose_device, native_bf16
 from llm.errors import ArgumentParser, UserError
-from llm.generate import CompiledStep, Sampling, check_compile_backend, decode_one, generate
-from llm.model import Transformer
-from llm.quantize import METHODS, Int8Linear, PackedLinear, TransposedLinear, for_decoding
+from llm.infer.generate import CompiledStep, Sampling, check_compile_backend, decode_one, generate
+from llm.model.transformer import Transformer
+from llm.infer.quantize import METHODS, Int8Linear, PackedLinear, TransposedLinear, for_decoding
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -152,25 +152,18 @@ def compare_with_transformers(model, variants: dict, new_tokens: int, repeats: i
     except ImportError:
         print("transformers is not installed: no comparison")
         return None
-    from safetensors.torch import save_file
+    from llm.formats.hf import check_exportable, write_llama
+    from llm.model.tokenizer import Tokenizer
 
-    from llm.hf import export_llama
-    from llm.tokenizer import Tokenizer
-
+    try:
+        check_exportable(model.config)
+    except UserError as e:
+        print(f"not comparable with transformers' Llama: {e}")
+        return None
     device, dtype = next(model.parameters()).device, next(model.parameters()).dtype
     with tempfile.TemporaryDirectory() as tmp:
-        run_dir, hf_dir = Path(tmp) / "run", Path(tmp) / "hf"
-        run_dir.mkdir()
-        weights = {k: v.float().cpu().contiguous() for k, v in model.state_dict().items()}
-        save_file(weights, run_dir / "model.safetensors")
-        (run_dir / "config.json").write_text(json.dumps(model.config.__dict__))
-        Tokenizer.train(["placeholder text"], 260).save(run_dir / "tokenizer.json")
-        try:
-            export_llama(run_dir, hf_dir)
-        except UserError as e:
-            print(f"not comparable with transformers' Llama: {e}")
-            return None
-        hf = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=dtype).to(device).eval()
+        write_llama(model, Tokenizer.train(["placeholder text"], 260), Path(tmp))
+        hf = AutoModelForCausalLM.from_pretrained(tmp, dtype=dtype).to(device).eval()
     prompt = torch.randint(0, model.config.vocab_size, (1, 32), device=device)
 
     def ours(prepared, step):
@@ -252,10 +245,7 @@ def parse(argv):
         args.batch = [int(b) for b in args.batch.split(",")]
     except ValueError:
         raise UserError(f"--batch must be comma-separated integers, got {args.batch!r}")
-    args.device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
-                               "cpu" if args.device == "auto" else args.device)
-    if args.device.type == "cuda" and not torch.cuda.is_available():
-        raise UserError("--device cuda: CUDA is not available here")
+    args.device = choose_device(args.device).value
     names = args.dtype.split(",") if args.dtype else ["float32"] + ["bfloat16"] * native_bf16(args.device)
     if unknown := [n for n in names if n not in DTYPES]:
         raise UserError(f"--dtype {unknown[0]}: choose from {', '.join(DTYPES)}")
@@ -298,7 +288,7 @@ def bench_decode(argv):
 
 def load_model(name: str, dtype, args) -> Transformer:
     if args.ckpt:
-        from llm.checkpoint import load
+        from llm.formats.load import load
 
         model, _ = load(args.ckpt, device=args.device, dtype=dtype)
     else:

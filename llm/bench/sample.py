@@ -7,11 +7,12 @@ import time
 import torch
 
 from llm.bench import machine, sync
+from llm.runtime import choose_device, inference_dtype
 from llm.config import resolve
 from llm.errors import ArgumentParser
-from llm.generate import Sampling, generate
-from llm.model import Transformer
-from llm.quantize import for_decoding
+from llm.infer.generate import Sampling, generate
+from llm.model.transformer import Transformer
+from llm.infer.quantize import for_decoding
 
 
 def timed_generation(model, batch: int, prompt_len: int, new_tokens: int, use_cache: bool, repeats: int = 5) -> float:
@@ -36,17 +37,16 @@ def bench_sample(argv):
     p.add_argument("--new_tokens", type=int, default=128)
     p.add_argument("--device", default="auto")
     args = p.parse_args(argv)
-    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
-                          "cpu" if args.device == "auto" else args.device)
+    device = choose_device(args.device).value
+    dtype = inference_dtype("auto", device).value
     if args.ckpt:
-        from llm.checkpoint import load
+        from llm.formats.load import load
 
         model, _ = load(args.ckpt, device=device)
     else:
         run = resolve(args.config, {"block_size": 1024 + args.new_tokens + 64})
         torch.manual_seed(0)
         model = Transformer(run.model).to(device).eval()
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     model.to(dtype)
     params = model.num_params()
     model = for_decoding(model)  # as sample.py runs it

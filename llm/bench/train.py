@@ -25,23 +25,23 @@ from pathlib import Path
 import numpy as np
 
 from llm.bench import machine
-from llm.checkpoint import latest
+from llm.formats.run_dir import latest
 from llm.config import flatten, parse_args, resolve
-from llm.data import open_corpus, prepare_tokens
+from llm.train.data import open_corpus, prepare_tokens
 from llm.errors import ArgumentParser, UserError
-from llm.tokenizer import Tokenizer
+from llm.model.tokenizer import Tokenizer
 
 
 def ours(name, overrides: dict, steps: int, token_dir: list) -> dict:
     """Train `steps` steps with train.py's loop; tokens/s (and MFU) of the second half."""
-    from llm.launch import configure
-    from llm.trainer import train
+    from llm.train.launch import configure
+    from llm.train.trainer import train
 
     with tempfile.TemporaryDirectory() as out:
         settings = {**overrides, "out_dir": out, "max_steps": steps, "log_interval": steps // 2,
                     "eval_interval": 10**9, "eval_iters": 1, "ckpt_interval": 10**9}
-        run = configure(name, settings)
-        train(run)
+        run, resume = configure(name, settings)
+        train(run, resume)
         records = [json.loads(line) for line in (Path(out) / "metrics.jsonl").read_text().splitlines()]
         last = [r for r in records if "tokens_per_s" in r][-1]
         tokenizer = Tokenizer.from_file(latest(Path(out)) / "tokenizer.json")  # the run's, to find its token files

@@ -14,6 +14,8 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
+from llm.runtime import choose_device
+
 
 @dataclass
 class Dist:
@@ -22,6 +24,7 @@ class Dist:
     local_rank: int = 0
     device: torch.device = torch.device("cpu")
     control: object = None  # a gloo group for host-side flags: no GPU synchronization
+    device_reason: str = ""
 
     @property
     def enabled(self) -> bool:
@@ -32,25 +35,21 @@ class Dist:
         return self.rank == 0
 
 
-def pick_device(name: str, local_rank: int = 0) -> torch.device:
-    if name == "auto":
-        return torch.device(f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
-
-
 def setup(device_name: str = "auto") -> Dist:
     """Join the process group when launched by torchrun; pick this process's device."""
     if "RANK" not in os.environ:
-        return Dist(device=pick_device(device_name))
+        choice = choose_device(device_name)
+        return Dist(device=choice.value, device_reason=choice.reason)
     local_rank = int(os.environ["LOCAL_RANK"])
-    device = pick_device(device_name, local_rank)
+    choice = choose_device(device_name, local_rank)
+    device = choice.value
     if device.type == "cuda":
         torch.cuda.set_device(device)
     backend = "nccl" if device.type == "cuda" else "gloo"
     dist.init_process_group(backend, device_id=device if device.type == "cuda" else None,
                             timeout=timedelta(minutes=30))
     control = dist.new_group(backend="gloo") if backend != "gloo" else dist.group.WORLD
-    return Dist(dist.get_rank(), dist.get_world_size(), local_rank, device, control)
+    return Dist(dist.get_rank(), dist.get_world_size(), local_rank, device, control, choice.reason)
 
 
 def teardown():
@@ -107,6 +106,15 @@ def sum_across_ranks(t: torch.Tensor, d: Dist) -> torch.Tensor:
     if d.enabled:
         dist.all_reduce(t, op=dist.ReduceOp.SUM)
     return t
+
+
+def total_across_ranks(n: int, d: Dist) -> int:
+    """The sum of a host-side integer over the ranks (a CPU collective on the gloo group)."""
+    if not d.enabled:
+        return n
+    t = torch.tensor([n], dtype=torch.int64)
+    dist.all_reduce(t, op=dist.ReduceOp.SUM, group=d.control)
+    return int(t.item())
 
 
 def any_rank(flag: bool, d: Dist) -> bool:

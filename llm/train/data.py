@@ -30,7 +30,7 @@ import numpy as np
 from tqdm import tqdm
 
 from llm.errors import UserError
-from llm.tokenizer import Tokenizer
+from llm.model.tokenizer import Tokenizer
 
 ROW_FORMATS = {".jsonl": "json", ".json": "json", ".parquet": "parquet"}  # rows with a `text` field
 BATCH_BYTES = 8 << 20  # documents tokenized together: bounds memory whatever the corpus size

@@ -10,20 +10,17 @@ when it requeues a preempted job; `--resume=auto` starts the run when out_dir ho
 checkpoint and continues it when it does.
 """
 import os
-import shutil
-import time
 from dataclasses import asdict, fields
 from pathlib import Path
 
-from llm import checkpoint
-from llm.config import FIELDS, LaunchConfig, ModelConfig, RunConfig, build, flatten, read_toml, find_config
-from llm.data import normalize_data_spec
+from llm.config import FIELDS, LaunchConfig, ModelConfig, RunConfig, build, find_config, flatten, read_toml
 from llm.errors import UserError
+from llm.formats.load import model_config
+from llm.train.checkpoint import Resume, resume_point
+from llm.train.data import normalize_data_spec
 
 # Training settings that decide which tokens the run trains and validates on: a resumed run keeps them.
 DATA_FIELDS = ("data", "tokenizer", "tokenizer_train_bytes", "val_fraction", "seed")
-RUN_FILES = ("checkpoint", "config.json", "model.safetensors", "tokenizer.json", "run.json", "metrics.jsonl", "loss.png")
-REPLACED = ".replaced-"  # an old run set aside by --overwrite until the new run's first checkpoint
 
 
 def given_settings(name: str | None, overrides: dict) -> tuple[dict, dict]:
@@ -36,24 +33,25 @@ def given_settings(name: str | None, overrides: dict) -> tuple[dict, dict]:
     return {k: values[k] for k in from_file}, {k: values[k] for k in overrides}
 
 
-def configure(name: str | None, overrides: dict) -> RunConfig:
-    """The run's settings. launch.resume comes back resolved: "true" (continue) or "false" (start)."""
+def configure(name: str | None, overrides: dict) -> tuple[RunConfig, Resume | None]:
+    """The run's settings, and the checkpoint it continues (read here, once) or None.
+    launch.resume comes back resolved: "true" (continue) or "false" (start)."""
     from_file, from_cli = given_settings(name, overrides)
     given = {**from_file, **from_cli}
     launch = LaunchConfig(**{k: v for k, v in given.items() if FIELDS[k][0] == "launch"})
     out_dir = Path(launch.out_dir).expanduser()
     if launch.resume != "false":
-        saved = checkpoint.resume_state(out_dir)
-        if saved is not None:
-            run = continue_settings(saved[0], from_file, from_cli, launch.init_from)
+        resume = resume_point(out_dir)
+        if resume is not None:
+            run = continue_settings(resume.config, from_file, from_cli, launch.init_from)
             run.launch.resume = "true"
-            return run
+            return run, resume
         if launch.resume == "true":
             raise UserError(f"--resume: {out_dir} holds no complete checkpoint")
         given["resume"] = "false"  # auto, and nothing to continue: start
     if launch.init_from:
-        return init_settings(given, from_cli, Path(launch.init_from).expanduser())
-    return build(given)
+        return init_settings(given, from_cli, Path(launch.init_from).expanduser()), None
+    return build(given), None
 
 
 def architecture_overrides(from_file: dict, from_cli: dict, init_from: str | None) -> dict:
@@ -92,45 +90,8 @@ def continue_settings(saved: RunConfig, from_file: dict, from_cli: dict, init_fr
 
 def init_settings(given: dict, from_cli: dict, source: Path) -> RunConfig:
     """A new run whose architecture is the --init_from checkpoint's."""
-    if not source.is_dir():
-        raise UserError(f"--init_from {source} does not exist or is not a directory")
-    source_model = checkpoint.model_config_of(source)
+    if not source.exists():
+        raise UserError(f"--init_from {source} does not exist")
+    source_model = model_config(source)
     check_architecture(source_model, architecture_overrides({}, from_cli, "init"), "--init_from")
     return build({**{k: v for k, v in given.items() if FIELDS[k][0] != "model"}, **asdict(source_model)})
-
-
-def check_out_dir(run: RunConfig) -> Path:
-    """out_dir can be written, and holds a run only if this command continues or replaces it.
-    Nothing is changed here: an old run is set aside only once the new one is ready to start."""
-    out = Path(run.launch.out_dir).expanduser()
-    if out.exists() and not out.is_dir():
-        raise UserError(f"out_dir {out} exists and is not a directory")
-    if run.launch.resume == "false" and not run.launch.overwrite and out.is_dir() and checkpoint.holds_run(out):
-        raise UserError(f"{out} already holds a run: pass --resume to continue it or --overwrite to replace it")
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        probe = out / f".write-test-{os.getpid()}"
-        probe.touch()
-        probe.unlink()
-    except OSError as e:
-        raise UserError(f"cannot write to out_dir {out}: {e.strerror}")
-    return out
-
-
-def set_aside_old_run(out: Path):
-    """--overwrite, with the new run ready: move the old run's files into a hidden folder, deleted
-    by `drop_old_runs` once the new run has written its first checkpoint."""
-    if not checkpoint.holds_run(out):
-        return
-    aside = out / f"{REPLACED}{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"
-    aside.mkdir()
-    names = [*RUN_FILES, *(p.name for p in out.glob("ckpt-*")), *(p.name for p in out.glob(".tmp-ckpt-*"))]
-    for name in dict.fromkeys(names):
-        if os.path.lexists(out / name):
-            os.rename(out / name, aside / name)
-    print(f"replacing the run in {out}: the old one is kept in {aside.name} until the first new checkpoint")
-
-
-def drop_old_runs(out: Path):
-    for old in out.glob(f"{REPLACED}*"):
-        shutil.rmtree(old, ignore_errors=True)

@@ -1,8 +1,8 @@
-"""Hugging Face interop: read and write Llama-format directories.
+"""Hugging Face directories, in and out (the Llama format).
 
-    load_llama(path)              a Hugging Face Llama directory -> (Transformer, Tokenizer)
-    export_llama(run_dir, out)    a run directory -> the files of a Llama directory that
-                                  transformers' AutoModelForCausalLM / AutoTokenizer load
+    model_config(path), load_model(path), load_tokenizer(path)   a Hugging Face directory -> ours
+    write_llama(model, tokenizer, out)   the files of a Llama directory that transformers'
+                                         AutoModelForCausalLM / AutoTokenizer load
 
 Our Llama-style settings (rmsnorm, pre-norm, swiglu, rope) are the same computation as
 transformers' LlamaForCausalLM: RoPE uses the same rotate_half layout, so weights only
@@ -21,11 +21,12 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from llm.checkpoint import build_model, check_weights, load, read_json, read_safetensors, write_json
+from llm.files import read_json, write_json
+from llm.formats.weights import build_model, check_weights, expected_weights, read_safetensors
 from llm.config import ModelConfig
 from llm.errors import UserError
-from llm.model import Transformer
-from llm.tokenizer import Tokenizer
+from llm.model.transformer import Transformer
+from llm.model.tokenizer import Tokenizer
 
 # Our module -> the Hugging Face modules it is made of (stacked along dim 0 when several).
 # Parameters follow their module: "layers.3.attention.wqkv.bias" -> the q/k/v_proj biases of layer 3.
@@ -125,7 +126,17 @@ def rope_theta(config: dict) -> float:
     return theta
 
 
-def model_config(config: dict) -> ModelConfig:
+def is_hf_dir(path: Path) -> bool:
+    """A Hugging Face directory names its model_type in config.json (ours never does)."""
+    config = Path(path) / "config.json"
+    return config.is_file() and "model_type" in read_json(config)
+
+
+def model_config(path) -> ModelConfig:
+    return config_from_hf(read_json(Path(path) / "config.json"))
+
+
+def config_from_hf(config: dict) -> ModelConfig:
     """A Hugging Face LlamaConfig (as a dict) -> our ModelConfig; unsupported settings are a UserError."""
     model_type = config.get("model_type")
     if model_type != "llama":
@@ -180,24 +191,25 @@ def read_weights(path: Path) -> tuple[dict, str]:
     return weights, f"the shards of {index.name}"
 
 
-def load_llama(path) -> tuple[Transformer, Tokenizer]:
-    """A Hugging Face Llama directory -> (our Transformer with its weights as the files hold them, and the
-    tokenizer). llm.load casts the model to one dtype."""
-    path = Path(path)
-    raw = read_json(path / "config.json")
-    config = model_config(raw)
-    if not (path / "tokenizer.json").exists():
+def load_tokenizer(path) -> Tokenizer:
+    """tokenizer.json, with the end-of-sequence token as transformers finds it (config.json,
+    generation_config.json, tokenizer_config.json), or None: base models without one generate
+    to the length limit."""
+    if not (Path(path) / "tokenizer.json").exists():
         raise UserError(f"{path} has no tokenizer.json (only the tokenizers-library format is supported)")
-    # The end-of-sequence token as transformers finds it (config.json, generation_config.json,
-    # tokenizer_config.json), or None: base models without one generate to the length limit.
-    tokenizer = Tokenizer.from_file(path / "tokenizer.json")
+    return Tokenizer.from_file(Path(path) / "tokenizer.json")
+
+
+def load_model(path) -> Transformer:
+    """Our Transformer with the directory's weights, in the dtype the files hold (llm.load casts)."""
+    path = Path(path)
+    config = model_config(path)
     weights, source = read_weights(path)
     if config.tie_embeddings:
         weights.pop("lm_head.weight", None)  # some tied checkpoints store the shared matrix twice
-    with torch.device("meta"):
-        ours = Transformer(config).state_dict()  # names and shapes only
+    ours = expected_weights(config)
     check_weights(weights, to_hf(ours, config), source)  # errors name their tensors
-    return build_model(config, from_hf(weights, ours), source), tokenizer
+    return build_model(config, from_hf(weights, ours), source)
 
 
 # ---------------------------------------------------------------- export
@@ -210,6 +222,8 @@ def check_exportable(config: ModelConfig):
     if config.d_model % config.n_head:
         raise UserError(f"cannot export: d_model={config.d_model} is not a multiple of n_head={config.n_head} "
                         "(transformers' LlamaConfig requires it, even with an explicit head_dim)")
+    if not (math.isfinite(config.rope_theta) and config.rope_theta > 0):
+        raise UserError(f"cannot export: rope_theta={config.rope_theta}")
 
 
 def hf_config(config: ModelConfig, eot_id: int | None) -> dict:
@@ -244,16 +258,12 @@ def hf_config(config: ModelConfig, eot_id: int | None) -> dict:
     }
 
 
-def export_llama(run_dir, out_dir):
-    """Write run_dir's model and tokenizer into out_dir (created if needed) as a Hugging Face Llama directory."""
-    model, tokenizer = load(run_dir)
+def write_llama(model: Transformer, tokenizer: Tokenizer, out: Path):
+    """Write the model (float32) and tokenizer into the folder `out` as a Hugging Face Llama directory."""
     config = model.config
     check_exportable(config)
-    if not (math.isfinite(config.rope_theta) and config.rope_theta > 0):
-        raise UserError(f"cannot export: rope_theta={config.rope_theta}")
     eot = tokenizer.eos  # None for a tokenizer without one: written as null, as transformers does
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    out = Path(out)
     weights = {k: v.detach().to("cpu", torch.float32).contiguous().clone()
                for k, v in to_hf(model.state_dict(), config).items()}  # clone: no shared storage in the file
     save_file(weights, out / "model.safetensors", metadata={"format": "pt"})

@@ -21,8 +21,8 @@ from dataclasses import dataclass
 import torch
 
 from llm.errors import UserError
-from llm.kv_cache import KVCache
-from llm.tokenizer import StreamDecoder
+from llm.infer.kv_cache import KVCache
+from llm.model.tokenizer import StreamDecoder
 
 
 @dataclass

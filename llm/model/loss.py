@@ -43,9 +43,10 @@ def _chunk_loss_and_grad(x, weight, targets, label_smoothing: float):
 
 class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, weight, targets, label_smoothing):
+    def forward(ctx, x, weight, targets, label_smoothing, mean):
         accumulate = torch.promote_types(weight.dtype, torch.float32)
-        scale = 1.0 / (targets >= 0).sum().clamp(min=1).to(accumulate)  # a tensor: no host synchronization
+        # 1/N for the mean, as a tensor: no host synchronization
+        scale = 1.0 / (targets >= 0).sum().clamp(min=1).to(accumulate) if mean else torch.ones((), dtype=accumulate, device=x.device)
         w = weight.to(x.dtype)
         rows = max(1, CHUNK_ELEMENTS // weight.size(0))
         total = torch.zeros((), device=x.device, dtype=accumulate)
@@ -65,15 +66,19 @@ class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_loss):
         grad_x, grad_w = ctx.saved_tensors
-        return grad_x * grad_loss, grad_w * grad_loss, None, None
+        return grad_x * grad_loss, grad_w * grad_loss, None, None, None
 
 
 def linear_cross_entropy(x: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
-                         label_smoothing: float = 0.0) -> torch.Tensor:
-    """Mean cross-entropy of logits x @ weightᵀ against targets (-1: ignored), never holding
-    all the logits. x: (N, d); weight: (vocabulary, d); targets: (N,)."""
+                         label_smoothing: float = 0.0, reduction: str = "mean") -> torch.Tensor:
+    """Cross-entropy of logits x @ weightᵀ against targets (-1: ignored), never holding all the
+    logits: the mean over the targets, or their sum (reduction="sum"; the trainer divides by the
+    targets of a whole step). x: (N, d); weight: (vocabulary, d); targets: (N,)."""
+    if reduction not in ("mean", "sum"):
+        raise ValueError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
     if not (x.requires_grad or weight.requires_grad):  # evaluation: no gradients to prepare
         logits = project(x, weight.to(x.dtype))
         logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
-        return torch.nn.functional.cross_entropy(logits, targets, ignore_index=-1, label_smoothing=label_smoothing)
-    return _LinearCrossEntropy.apply(x, weight, targets, label_smoothing)
+        return torch.nn.functional.cross_entropy(logits, targets, ignore_index=-1, label_smoothing=label_smoothing,
+                                                 reduction=reduction)
+    return _LinearCrossEntropy.apply(x, weight, targets, label_smoothing, reduction == "mean")

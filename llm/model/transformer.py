@@ -10,10 +10,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from llm.attention import attention, causal_mask, check_runtime, naive_attention
+from llm.model.attention import attention, causal_mask, check_runtime, naive_attention
 from llm.config import ModelConfig
-from llm.loss import linear_cross_entropy
-from llm.rope import apply_rope, rope_cache
+from llm.model.loss import linear_cross_entropy
+from llm.model.rope import apply_rope, rope_cache
 
 
 def make_norm(config: ModelConfig) -> nn.Module:
@@ -67,7 +67,7 @@ class Attention(nn.Module):
 class FeedForward(nn.Module):
     """SwiGLU: w2(silu(w1 x) * w3 x), or GELU: w2(gelu(w1 x)).
 
-    For decoding, llm.quantize.for_decoding replaces w1 and w3 by w13, both stacked: one
+    For decoding, llm.infer.quantize.for_decoding replaces w1 and w3 by w13, both stacked: one
     matrix-vector product reads them in one stream instead of two."""
 
     def __init__(self, config: ModelConfig):
@@ -157,10 +157,10 @@ class Transformer(nn.Module):
         return sum(p.numel() for p in self.parameters())
 
     def forward(self, idx, targets=None, *, positions=None, kv_start=None, cache=None, last_only=False,
-                label_smoothing=0.0, attn_maps=None):
-        """idx (B, T) token ids -> logits (B, T, vocab), or the mean cross-entropy if targets are given.
+                label_smoothing=0.0, reduction="mean", attn_maps=None):
+        """idx (B, T) token ids -> logits (B, T, vocab), or the cross-entropy if targets are given.
 
-        targets: (B, T) next tokens; -1 is ignored.
+        targets: (B, T) next tokens; -1 is ignored. reduction: "mean" over the targets, or "sum".
         positions: (T,) or (B, T) position of each token (default: after the cache's contents,
             counted from each row's first token after its kv_start padding).
         kv_start: (B,) number of left-padding slots per row, masked out of attention.
@@ -192,10 +192,10 @@ class Transformer(nn.Module):
         if cache is not None:
             cache.pos += T
         x = self.norm(x)
-        if targets is not None:  # the loss, without ever holding all the logits (llm/loss.py)
+        if targets is not None:  # the loss, without ever holding all the logits (llm/model/loss.py)
             weight = self.tok_embeddings.weight if self.output is None else self.output.weight
-            return linear_cross_entropy(x.flatten(0, 1), weight, targets.flatten(), label_smoothing)
+            return linear_cross_entropy(x.flatten(0, 1), weight, targets.flatten(), label_smoothing, reduction)
         if last_only:
             x = x[:, -1:]
-        # self.output(x), not F.linear on its weight: a head in a decoding format (llm.quantize) is a module too.
+        # self.output(x), not F.linear on its weight: a head in a decoding format (llm.infer.quantize) is a module too.
         return F.linear(x, self.tok_embeddings.weight) if self.output is None else self.output(x)

@@ -1,0 +1,139 @@
+"""Writing checkpoints during training, and restoring a run's training state from one.
+
+A checkpoint (the folder layout: llm/formats/run_dir.py) is written into a temporary folder
+and renamed into place; older ones are deleted only after that, so a crash at any instant
+leaves the previous checkpoint loadable. trainer.json is written last: its presence marks a
+complete checkpoint. Data windows and dropout masks are functions of (seed, step, micro-batch),
+so restoring the step restores the data position and the random state.
+"""
+import os
+import shutil
+import warnings
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+
+import torch.distributed.checkpoint as dcp
+from safetensors.torch import save_file
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_optimizer_state_dict,
+    set_model_state_dict,
+    set_optimizer_state_dict,
+)
+
+from llm.config import RunConfig
+from llm.errors import UserError
+from llm.files import read_json, sync_dir, write_json
+from llm.formats.run_dir import checkpoints, latest, step_of
+from llm.model.tokenizer import Tokenizer
+from llm.train.distributed import Dist, barrier
+
+LINKED = ("config.json", "model.safetensors", "tokenizer.json")
+
+# DCP warns that it assumes a single process when there is no process group: that is intended.
+warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
+
+
+@dataclass
+class Progress:
+    """Where a run stands: saved as trainer.json with each checkpoint."""
+    step: int = 0
+    tokens_seen: int = 0
+    skipped_steps: int = 0  # steps whose loss or gradient was not finite
+    train_seconds: float = 0.0  # training time, evaluation and checkpoints left out
+    wandb_id: str | None = None
+    dtype: str | None = None  # what `--dtype auto` chose: a resumed run keeps it
+
+    @classmethod
+    def read(cls, ckpt: Path) -> "Progress":
+        saved = read_json(ckpt / "trainer.json")
+        return cls(**{f.name: saved[f.name] for f in fields(cls) if f.name in saved})
+
+
+@dataclass
+class Resume:
+    """The checkpoint a run continues from: read once, when the command is resolved."""
+    checkpoint: Path
+    config: RunConfig
+    progress: Progress
+
+
+def resume_point(run_dir: Path) -> Resume | None:
+    """The run's latest checkpoint with its settings and progress, or None."""
+    ckpt = latest(run_dir)
+    if ckpt is None:
+        return None
+    try:
+        config = RunConfig.from_dict(read_json(ckpt / "run.json"))
+    except (KeyError, TypeError, AttributeError) as e:
+        raise UserError(f"{ckpt / 'run.json'} is not a run config: {e}")
+    return Resume(ckpt, config, Progress.read(ckpt))
+
+
+def unwrapped_state_dict(model) -> dict:
+    """Full (unsharded) fp32 weights on CPU, with plain names; every rank must call this."""
+    sd = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    return {k: v.contiguous() for k, v in sd.items()}
+
+
+def save(run_dir: Path, progress: Progress, model, optimizers, tokenizer: Tokenizer, run: RunConfig, d: Dist):
+    """Write checkpoint `progress.step` into run_dir and make it the current one (collective
+    under torchrun)."""
+    step = progress.step
+    final = run_dir / f"ckpt-{step:07d}"
+    tmp = run_dir / f".tmp-ckpt-{step:07d}"
+    if d.is_main:
+        shutil.rmtree(tmp, ignore_errors=True)  # left by a crash
+        tmp.mkdir(parents=True)
+    barrier(d)
+    state = {"model": get_model_state_dict(model), "optim": get_optimizer_state_dict(model, optimizers)}
+    dcp.save(state, checkpoint_id=tmp / "state")  # every rank writes its own shards
+    weights = unwrapped_state_dict(model)
+    if d.is_main:
+        save_file(weights, tmp / "model.safetensors")
+        write_json(tmp / "config.json", asdict(run.model))
+        write_json(tmp / "run.json", run.to_saved())
+        tokenizer.save(tmp / "tokenizer.json")
+        write_json(tmp / "trainer.json", {**asdict(progress), "world_size": d.world_size})
+        sync_dir(tmp)
+        if final.exists():  # an earlier, superseded attempt at this step
+            shutil.rmtree(final)
+        os.rename(tmp, final)
+        point_to(run_dir, final.name)
+        for old in checkpoints(run_dir):  # only now that their successor exists
+            if old != final and step_of(old) < step:
+                shutil.rmtree(old, ignore_errors=True)
+    barrier(d)
+
+
+def replace_with_link(path: Path, target: str):
+    """Make `path` a symbolic link to `target`, atomically, whatever was there (a link, or the plain
+    copy that a tool following links left)."""
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path)  # a copied checkpoint folder: its original is in a ckpt-* folder
+    tmp = path.with_name(f".{path.name}.link-tmp")
+    if os.path.lexists(tmp):
+        tmp.unlink()
+    os.symlink(target, tmp)
+    os.replace(tmp, path)  # readers see the old or the new target, never neither
+
+
+def point_to(run_dir: Path, name: str):
+    """The `checkpoint` link and the top-level files: conveniences, so that the run directory
+    reads like a checkpoint. Resuming and loading find the checkpoint without them."""
+    replace_with_link(run_dir / "checkpoint", name)
+    for file in LINKED:
+        replace_with_link(run_dir / file, f"checkpoint/{file}")
+
+
+def load_training_state(ckpt: Path, model, optimizers):
+    """Restore the model and its optimizers (one or a list) from the sharded state, whatever
+    world size wrote it."""
+    state = {"model": get_model_state_dict(model), "optim": get_optimizer_state_dict(model, optimizers)}
+    try:
+        dcp.load(state, checkpoint_id=ckpt / "state")
+    except Exception as e:
+        raise UserError(f"cannot load training state from {ckpt / 'state'}: {e}")
+    set_model_state_dict(model, state["model"])
+    set_optimizer_state_dict(model, optimizers, state["optim"])

@@ -1,0 +1,167 @@
+"""A run prepared once, before its first step, into one value the training loop reads.
+
+    prepare(config, resume, d) -> PreparedRun
+        out_dir checked         the run directory may be written, and is not another run's
+        tokenizer and data      from the checkpoint, a file, or trained; tokenized and cached
+        model                   new, from --init_from's weights, or the checkpoint's
+        dtype                   --dtype, `auto` decided once per run (llm/runtime.py)
+        placed, parallelized    on the device, FSDP2 under torchrun, activation checkpointing
+        optimizers              and, when resuming, their state and the model's
+        metrics                 metrics.jsonl, wandb
+        --overwrite             only now, with everything ready, the old run makes way
+
+Everything that can fail on bad input fails here, before a step runs and before anything the
+user had is touched.
+"""
+import contextlib
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from llm import runtime
+from llm.config import RunConfig, describe, flatten
+from llm.errors import UserError
+from llm.files import write_json
+from llm.formats.load import load, load_tokenizer
+from llm.model.tokenizer import Tokenizer
+from llm.model.transformer import Transformer
+from llm.train import out_dir
+from llm.train.batches import WindowBatches
+from llm.train.checkpoint import Progress, Resume, load_training_state
+from llm.train.data import open_corpus, prepare_tokens, split_tokens, train_or_load_tokenizer
+from llm.train.distributed import Dist, any_rank, parallelize, sum_across_ranks
+from llm.train.metrics import MetricsLog, flops_per_token, peak_flops
+from llm.train.optim import make_optimizers
+
+
+@dataclass
+class PreparedRun:
+    config: RunConfig
+    d: Dist
+    out: Path
+    tokenizer: Tokenizer
+    batches: WindowBatches
+    model: torch.nn.Module  # placed and parallelized: what checkpoints save
+    step_model: torch.nn.Module  # what steps call: the model, compiled when asked
+    optimizers: list
+    dtype: torch.dtype
+    autocast: contextlib.AbstractContextManager  # mixed precision without FSDP (FSDP casts itself)
+    progress: Progress
+    resumed_from: Path | None
+    metrics: MetricsLog
+    tokens_per_step: int
+    flops_per_token: float
+    peak_flops: float | None  # of one device, where known (bf16 on CUDA): for MFU
+
+
+def prepare(config: RunConfig, resume: Resume | None, d: Dist) -> PreparedRun:
+    out = out_dir.check(config) if d.is_main else Path(config.launch.out_dir).expanduser()
+    init_from = Path(config.launch.init_from).expanduser() if config.launch.init_from else None
+    tokenizer, batches, data_line = prepare_data(config, d, resume.checkpoint if resume else init_from)
+
+    torch.manual_seed(config.train.seed)
+    model = new_model(config, init_from if resume is None else None)
+    n_params, flops = model.num_params(), flops_per_token(model)
+    model.to(d.device)
+    progress = resume.progress if resume else Progress()
+    dtype = choose_dtype(config, progress, model, d)
+    progress.dtype = str(dtype.value).removeprefix("torch.")
+    if d.device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    parallelize(model, d, dtype.value if dtype.value != torch.float32 else None, config.runtime.activation_checkpointing)
+    optimizers = make_optimizers(model, config.train, d.device, dtype.value)
+    if resume is not None:
+        load_training_state(resume.checkpoint, model, optimizers)
+    use_autocast = dtype.value != torch.float32 and not d.enabled
+
+    if d.is_main and config.launch.overwrite:  # everything is ready: only now may an old run make way
+        out_dir.set_aside_old_run(out)
+    rt = config.runtime
+    wandb = dict(project=rt.wandb_project, name=rt.wandb_run_name, config=flatten(config), dir=str(out),
+                 id=progress.wandb_id, resume="allow") if rt.wandb else None
+    metrics = MetricsLog(out, d.is_main, progress.step if resume else None, wandb)
+    tokens_per_step = config.train.batch_size * config.model.block_size * config.train.grad_accum * d.world_size
+    if d.is_main:
+        print(describe(config))
+        if resume is not None:
+            print(f"resuming from {resume.checkpoint} at step {progress.step}")
+        print(f"device: {d.device} x {d.world_size} ({d.device_reason}) | dtype: {dtype} | {runtime.threads()}")
+        print(f"parameters: {n_params:,} | global batch: {config.train.batch_size} x {config.train.grad_accum} "
+              f"accumulation x {d.world_size} processes = {tokens_per_step:,} tokens/step")
+        print(data_line)
+        write_json(out / "run.json", config.to_saved())
+    return PreparedRun(
+        config=config, d=d, out=out, tokenizer=tokenizer, batches=batches, model=model,
+        step_model=torch.compile(model) if rt.compile else model, optimizers=optimizers, dtype=dtype.value,
+        autocast=torch.autocast(d.device.type, dtype=dtype.value) if use_autocast else contextlib.nullcontext(),
+        progress=progress, resumed_from=resume.checkpoint if resume else None, metrics=metrics,
+        tokens_per_step=tokens_per_step, flops_per_token=flops,
+        peak_flops=peak_flops(d.device) if dtype.value == torch.bfloat16 else None)
+
+
+def prepare_data(config: RunConfig, d: Dist, source: Path | None) -> tuple[Tokenizer, WindowBatches, str]:
+    """The run's tokenizer (from `source`, a checkpoint to resume or initialize from; else
+    --tokenizer; else trained on the corpus) and its batches.
+
+    Under torchrun the first process of each node builds the caches while the others wait; if
+    it fails, the others stop too instead of waiting forever.
+    """
+    cfg = config.train
+    cache_dir = Path(config.runtime.cache_dir).expanduser()
+    corpus = open_corpus(cfg.data)  # cheap checks, on every process
+    if source is not None:
+        tokenizer = load_tokenizer(source)
+    elif cfg.tokenizer:
+        tokenizer = Tokenizer.from_file(Path(cfg.tokenizer).expanduser())
+    else:
+        tokenizer = None
+
+    def build():
+        tok = tokenizer or train_or_load_tokenizer(corpus, config.model.vocab_size, cache_dir, cfg.tokenizer_train_bytes)
+        if tok.vocab_size > config.model.vocab_size:
+            raise UserError(f"the tokenizer has {tok.vocab_size} tokens but vocab_size is {config.model.vocab_size}: "
+                            f"pass --vocab_size {tok.vocab_size} (or more)")
+        return tok, prepare_tokens(corpus, tok, cache_dir, cfg.val_fraction)
+
+    error = None
+    if d.local_rank == 0:
+        try:
+            built = build()
+        except UserError as e:
+            error = e
+    if any_rank(error is not None, d):
+        raise error or UserError("another process failed while preparing the data (its error is above)")
+    tokenizer, token_dir = built if d.local_rank == 0 else build()
+    splits = split_tokens(token_dir, config.model.block_size)
+    line = (f"data: {splits.meta['corpus']}: {len(splits.train):,} training, {len(splits.val):,} validation tokens "
+            f"(validation: {splits.how})")
+    return tokenizer, WindowBatches(splits.train, splits.val, config, d, tokenizer), line
+
+
+def new_model(config: RunConfig, init_from: Path | None) -> Transformer:
+    """A freshly initialized model, or one holding --init_from's weights (in fp32)."""
+    model = Transformer(config.model, config.runtime.attention, config.train.dropout)
+    if init_from is not None:
+        source, _ = load(init_from, dtype=torch.float32)
+        model.load_state_dict(source.state_dict())
+    return model
+
+
+def choose_dtype(config: RunConfig, progress: Progress, model, d: Dist) -> runtime.Choice:
+    """--dtype, with `auto` decided once per run: a resumed run keeps the dtype it trained in.
+    Where `auto` measures, the first process decides for all (from its cached or new probe)."""
+    setting = config.runtime.dtype
+    if setting == "auto" and progress.dtype is not None:
+        return runtime.Choice(runtime.dtype_named(progress.dtype), "auto: the dtype this run has trained in")
+    shape = {"model": asdict(config.model), "rows": min(config.train.batch_size, 4)}
+    probe = runtime.cached_probe(config.runtime.cache_dir, shape,
+                                 lambda: runtime.bf16_speedup(model, shape["rows"], config.model.block_size))
+    choice = runtime.training_dtype(setting, d.device, probe=probe) if d.is_main else None
+    if d.enabled:  # the first process's choice, for every process
+        verdict = sum_across_ranks(torch.tensor([float(choice.value == torch.bfloat16) if choice else 0.0],
+                                                device=d.device), d).item()
+        if choice is None:
+            choice = runtime.Choice(torch.bfloat16 if verdict else torch.float32, "auto: as the first process chose")
+    return choice

@@ -54,6 +54,8 @@ class ModelConfig:
     rope_theta: float = option(10000.0, "RoPE base")
     bias: bool = option(False, "biases in linear layers and LayerNorm")
     tie_embeddings: bool = option(True, "share the input embedding with the output projection")
+    sliding_window: int | None = option(None, "sliding-window attention: each query sees this many keys, itself "
+                                              "included (Mistral); default: every earlier key")
 
     def __post_init__(self):
         for name, choices in MODEL_CHOICES.items():
@@ -76,6 +78,8 @@ class ModelConfig:
         if self.ffn_hidden is None:
             hidden = 4 * self.d_model if self.ffn == "gelu" else 8 * self.d_model // 3
             self.ffn_hidden = 64 * math.ceil(hidden / 64)
+        if self.sliding_window is not None and self.sliding_window <= 0:
+            raise UserError(f"sliding_window must be positive, got {self.sliding_window}")
         if self.ffn_hidden <= 0:
             raise UserError(f"ffn_hidden must be positive, got {self.ffn_hidden}")
         if not (self.norm_eps > 0 and math.isfinite(self.rope_theta) and self.rope_theta > 0):

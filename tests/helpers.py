@@ -16,18 +16,21 @@ OPTIONS = {
 
 
 def option_grid():
-    """Every combination of the architecture switches, cycling GQA/MQA/MHA, biases and tying across them."""
+    """Every combination of the architecture switches, cycling GQA/MQA/MHA, biases, tying and a sliding
+    window across them."""
     for i, values in enumerate(itertools.product(*OPTIONS.values())):
         yield {
             **dict(zip(OPTIONS, values)),
             "n_kv_head": (4, 2, 1)[i % 3],
             "bias": i % 2 == 1,
             "tie_embeddings": i % 4 < 2,
+            "sliding_window": (None, 7, None, None, 4)[i % 5],
         }
 
 
 def grid_id(options: dict) -> str:
-    return "-".join(f"{v}" if not isinstance(v, bool) else f"{k}={int(v)}" for k, v in options.items())
+    return "-".join(f"{k}={int(v)}" if isinstance(v, bool) else f"window={v}" if k == "sliding_window" else f"{v}"
+                    for k, v in options.items() if v is not None)
 
 
 def tiny_model(seed=0, dtype=torch.float64, attention="sdpa", dropout=0.0, **overrides) -> Transformer:

@@ -27,7 +27,7 @@ def static_logits(model, prompts: list[list[int]], new: torch.Tensor) -> torch.T
             buffers = [(b.data_ptr(), b.shape) for b in cache.k + cache.v]
             steps.append(decode_one(model, new[:, t:t + 1], kv_start, cache))
             assert [(b.data_ptr(), b.shape) for b in cache.k + cache.v] == buffers  # written in place, never grown
-    assert int(cache.pos) == ids.size(1) + new.size(1)
+    assert cache.pos.tolist() == [ids.size(1) + new.size(1)] * len(prompts)
     return torch.stack(steps, dim=1)
 
 
@@ -63,6 +63,35 @@ def test_static_step_through_the_triton_kernel(seed):
     logits = static_logits(model, prompts, new)
     model.set_attention("sdpa")
     torch.testing.assert_close(logits, static_logits(model, prompts, new), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("backend", ["naive", "sdpa", "triton"])
+def test_rows_at_their_own_positions_equal_each_alone(backend, seed):
+    """A server's cache: requests come and go, each row prefilled on its own (cache.reset_row) and at its
+    own position; stepping all rows together gives each row what it gives alone."""
+    if backend == "triton":
+        pytest.importorskip("triton")
+    options = dict(n_layer=1, d_model=64, n_head=4, n_kv_head=2) if backend == "triton" else {}
+    model = tiny_model(seed, attention=backend, dtype=torch.float32 if backend == "triton" else torch.float64,
+                       sliding_window=None if backend == "triton" else int(torch.randint(3, 9, ())), **options)
+    cache = KVCache(model.config, 3, 40, "cpu", next(model.parameters()).dtype)
+    prompts, new = random_prompts([9, 2, 5]), torch.randint(0, 97, (3, 6))
+    logits = [[] for _ in prompts]
+    with torch.no_grad():
+        for row in (1, 0):  # row 1 first, then row 0 joins after two steps; row 2 stays idle
+            logits[row].append(model(torch.tensor([prompts[row]]), cache=cache.reset_row(row), last_only=True)[0, -1])
+            if row == 1:
+                for t in range(2):
+                    logits[1].append(decode_one(model, new[:, t:t + 1], None, cache)[1])
+        for t in range(2, 6):
+            step = decode_one(model, new[:, t:t + 1], None, cache)
+            logits[1].append(step[1])
+            logits[0].append(step[0])
+    tolerance = dict(rtol=1e-5, atol=1e-5) if backend == "triton" else dict(rtol=1e-9, atol=1e-9)
+    torch.testing.assert_close(torch.stack(logits[1]), alone_logits(model, prompts[1], new[1].tolist()), **tolerance)
+    torch.testing.assert_close(torch.stack(logits[0]), alone_logits(model, prompts[0], new[0, 2:].tolist()),
+                               **tolerance)
+    assert cache.pos[:2].tolist() == [len(prompts[0]) + 4, len(prompts[1]) + 6]
 
 
 def greedy(model, prompts, n, decode_step=decode_one) -> list[list[int]]:

@@ -15,7 +15,7 @@ from tests.helpers import grid_id, option_grid, tiny_model
 GRID = list(option_grid())
 
 
-CAUSALITY_CASES = [(b, o) for b in ("naive", "sdpa") for o in GRID] + [("triton", o) for o in GRID[::7]]
+CAUSALITY_CASES = [(b, o) for b in ("naive", "sdpa") for o in GRID] + [("triton", {**o, "sliding_window": None}) for o in GRID[::7]]
 
 
 @pytest.mark.parametrize("backend, options", CAUSALITY_CASES, ids=[f"{b}-{grid_id(o)}" for b, o in CAUSALITY_CASES])
@@ -52,6 +52,23 @@ def test_naive_and_sdpa_agree(options, seed):
     torch.testing.assert_close(ca, cb, rtol=1e-10, atol=1e-10)
     for a, b in zip(ga, gb):
         torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.parametrize("backend", ["naive", "sdpa"])
+def test_sliding_window_sees_exactly_its_window(backend, seed):
+    """Query i attends to keys i - window < j <= i, computed here key by key in float64."""
+    from llm.model.attention import attention
+
+    B, H, Hkv, T, D = 2, 4, 2, 13, 8
+    window = int(torch.randint(1, T + 2, ()))
+    q, k, v = torch.randn(B, H, T, D, dtype=torch.float64), *torch.randn(2, B, Hkv, T, D, dtype=torch.float64)
+    expected = torch.empty_like(q)
+    for i in range(T):
+        keys = list(range(max(0, i - window + 1), i + 1))
+        kk, vv = k[:, :, keys].repeat_interleave(H // Hkv, 1), v[:, :, keys].repeat_interleave(H // Hkv, 1)
+        weights = ((q[:, :, i : i + 1] @ kk.transpose(-1, -2)) / math.sqrt(D)).softmax(-1)
+        expected[:, :, i] = (weights @ vv)[:, :, 0]
+    torch.testing.assert_close(attention(q, k, v, backend, window=window), expected, rtol=1e-12, atol=1e-12)
 
 
 def test_rope_depends_only_on_offset(seed):

@@ -1,16 +1,17 @@
-"""A static KV cache: preallocated once per generation, written in place."""
+"""A static KV cache: preallocated once, written in place, one position per row."""
 import torch
 
 
 class KVCache:
     """Per layer, keys and values of shape (batch, n_kv_head, max_len, head_dim).
 
-    Stored at grouped-query width: query heads sharing a KV head read the same
-    entries. `pos` is the next slot to write, the same for every row (rows of
-    different lengths are left-padded). It is a tensor on the cache's device, advanced
-    in place by the model, and readers always get the whole buffers (attention masks
-    the slots not yet written): a decode step has the same shapes and inputs from the
-    first token to the last, so it compiles once and can be replayed as a CUDA graph.
+    Stored at grouped-query width: query heads sharing a KV head read the same entries.
+    `pos` (batch,) is each row's next slot to write: rows advance together in a generation
+    (prompts of different lengths are left-padded), or each on its own in a server whose rows
+    are requests that come and go (`reset_row`). It is a tensor on the cache's device, advanced in
+    place by the model, and readers always get the whole buffers (attention masks the slots
+    after each query's): a decode step has the same shapes and inputs from the first token to
+    the last, so it compiles once and can be replayed as a CUDA graph.
     """
 
     def __init__(self, config, batch_size, max_len, device, dtype):
@@ -21,10 +22,23 @@ class KVCache:
         self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.n_layer)]
         self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.n_layer)]
         self.max_len = max_len
-        self.pos = torch.zeros(1, dtype=torch.long, device=device)
+        self.pos = torch.zeros(batch_size, dtype=torch.long, device=device)
+        self.rows = torch.arange(batch_size, device=device)[:, None]
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor, slots: torch.Tensor):
-        """Write new (B, Hkv, T, D) entries at slots (T,); return the layer's whole (B, Hkv, max_len, D) buffers."""
-        self.k[layer][:, :, slots] = k
-        self.v[layer][:, :, slots] = v
+        """Write new (B, Hkv, T, D) entries at each row's slots (B, T); return the layer's whole
+        (B, Hkv, max_len, D) buffers."""
+        self.k[layer][self.rows, :, slots] = k.transpose(1, 2)
+        self.v[layer][self.rows, :, slots] = v.transpose(1, 2)
         return self.k[layer], self.v[layer]
+
+    def reset_row(self, b: int) -> "KVCache":
+        """Row b emptied (its position back to 0) and returned alone, as a cache of batch 1 that
+        writes into this one (views, not copies): a new request is prefilled into its row while
+        the other rows keep their state. What the row held before is masked, never read."""
+        self.pos[b] = 0
+        view = object.__new__(KVCache)
+        view.k = [t[b : b + 1] for t in self.k]
+        view.v = [t[b : b + 1] for t in self.v]
+        view.max_len, view.pos, view.rows = self.max_len, self.pos[b : b + 1], self.rows[:1]
+        return view

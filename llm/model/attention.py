@@ -4,11 +4,13 @@ Every backend computes the same thing. q is (B, H, Tq, D); k and v are
 (B, Hkv, Tk, D) with Hkv dividing H (grouped-query attention). Tq <= Tk: without
 `q_slots` the queries are the last Tq of the Tk positions, so the causal mask
 is bottom-right aligned (query i sees keys j <= i + Tk - Tq). With a static KV
-cache, k and v are the whole preallocated cache and `q_slots` (Tq,) says where the
-queries sit in it: query i sees keys j <= q_slots[i], so slots not yet written
-are masked and the shapes never change. `kv_start` (B,) optionally masks the first
-kv_start[b] keys of row b: the left padding of a batch of prompts with different
-lengths.
+cache, k and v are the whole preallocated cache and `q_slots` (B, Tq) says where
+each row's queries sit in it: query i of row b sees keys j <= q_slots[b, i], so
+slots not yet written are masked and the shapes never change. `kv_start` (B,)
+optionally masks the first kv_start[b] keys of row b: the left padding of a batch
+of prompts with different lengths. `window` (sliding-window attention, Mistral)
+also masks keys `window` or more slots before the query: it sees `window` keys,
+itself included.
 """
 import functools
 import importlib.util
@@ -67,14 +69,18 @@ def check_runtime(config, backend: str, dropout: float):
 
 
 def causal_mask(q_len: int, kv_len: int, kv_start: torch.Tensor | None, device,
-                q_slots: torch.Tensor | None = None) -> torch.Tensor:
-    """Boolean mask, True where attention is allowed: (Tq, Tk), or (B, 1, Tq, Tk) with kv_start.
-    q_slots (Tq,): the key slot of each query (default: the last Tq slots)."""
+                q_slots: torch.Tensor | None = None, window: int | None = None) -> torch.Tensor:
+    """Boolean mask, True where attention is allowed: (Tq, Tk), or (B, 1, Tq, Tk) with kv_start or
+    per-row q_slots (B, Tq): the key slot of each query (default: the last Tq slots)."""
     if q_slots is None:
         q_slots = torch.arange(kv_len - q_len, kv_len, device=device)
-    q_slot = q_slots[:, None]
-    k_slot = torch.arange(kv_len, device=device)[None, :]
+    q_slot = q_slots[..., :, None]
+    if q_slot.dim() == 3:  # per row: (B, 1, Tq, 1)
+        q_slot = q_slot[:, None]
+    k_slot = torch.arange(kv_len, device=device)
     mask = k_slot <= q_slot
+    if window is not None:
+        mask = mask & (k_slot > q_slot - window)
     if kv_start is not None:
         start = kv_start.view(-1, 1, 1, 1)
         # Padding queries see only padding keys, so their (unused) outputs stay finite.
@@ -93,20 +99,22 @@ def naive_attention(q, k, v, mask, dropout_p=0.0):
     return F.dropout(probs, dropout_p) @ v, probs
 
 
-def triton_attention(q, k, v, kv_start, q_slots):
+def triton_attention(q, k, v, kv_start, q_slots, window):
     from triton_kernels import flash_attention  # imported late: importing triton fixes its mode
 
-    # A static cache: keys up to the last query's slot exist, and the causal diagonal ends there.
-    kv_end = None if q_slots is None else (q_slots[-1:] + 1).expand(q.size(0))
+    # A static cache: each row's keys up to its last query's slot exist; the causal diagonal ends there.
+    kv_end = None if q_slots is None else (q_slots[..., -1] + 1).expand(q.size(0))
+    if window is not None:
+        return flash_attention(q, k, v, causal=True, kv_start=kv_start, kv_end=kv_end, window=window)
     return flash_attention(q, k, v, causal=True, kv_start=kv_start, kv_end=kv_end)
 
 
-def sdpa_attention(q, k, v, dropout_p, kv_start, q_slots):
+def sdpa_attention(q, k, v, dropout_p, kv_start, q_slots, window):
     q_len, kv_len = q.size(2), k.size(2)
-    # Without padding or a static cache, full-length and single-query calls need no explicit
-    # mask, which keeps SDPA on its fused kernels.
-    plain = kv_start is None and q_slots is None and q_len in (1, kv_len)
-    mask = None if plain else causal_mask(q_len, kv_len, kv_start, q.device, q_slots)
+    # Without padding, a static cache or a window that cuts, full-length and single-query calls
+    # need no explicit mask, which keeps SDPA on its fused kernels.
+    plain = kv_start is None and q_slots is None and q_len in (1, kv_len) and (window is None or window >= kv_len)
+    mask = None if plain else causal_mask(q_len, kv_len, kv_start, q.device, q_slots, window)
     B, H, _, D = q.shape
     groups = H // k.size(1)
     if q_len == 1 and groups > 1:
@@ -119,15 +127,16 @@ def sdpa_attention(q, k, v, dropout_p, kv_start, q_slots):
                                           is_causal=plain and q_len > 1, enable_gqa=groups > 1)
 
 
-def attention(q, k, v, backend="sdpa", dropout_p=0.0, kv_start=None, q_slots=None) -> torch.Tensor:
+def attention(q, k, v, backend="sdpa", dropout_p=0.0, kv_start=None, q_slots=None, window=None) -> torch.Tensor:
     """Causal attention of q over k, v with the chosen backend; returns (B, H, Tq, D)."""
     backend = resolve_backend(backend, q.size(-1), q.dtype, q.device, dropout_p)
     if backend == "triton":
         if dropout_p:
             raise ValueError("the triton attention backend has no attention dropout")
-        return triton_attention(q, k, v, kv_start, q_slots)
+        return triton_attention(q, k, v, kv_start, q_slots, window)
     if backend == "naive":
-        return naive_attention(q, k, v, causal_mask(q.size(2), k.size(2), kv_start, q.device, q_slots), dropout_p)[0]
+        mask = causal_mask(q.size(2), k.size(2), kv_start, q.device, q_slots, window)
+        return naive_attention(q, k, v, mask, dropout_p)[0]
     if backend == "sdpa":
-        return sdpa_attention(q, k, v, dropout_p, kv_start, q_slots)
+        return sdpa_attention(q, k, v, dropout_p, kv_start, q_slots, window)
     raise ValueError(f"unknown attention backend {backend!r}; choose from {BACKENDS}")

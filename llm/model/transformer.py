@@ -42,6 +42,7 @@ class Attention(nn.Module):
         self.wo = nn.Linear(config.n_head * config.head_dim, config.d_model, bias=config.bias)
         self.backend = backend
         self.dropout = dropout
+        self.window = config.sliding_window
 
     def forward(self, x, rope=None, cache=None, kv_start=None, attn_maps=None, slots=None):
         B, T, _ = x.shape
@@ -57,9 +58,10 @@ class Attention(nn.Module):
             k, v = cache.update(self.layer_idx, k, v, slots)
         dropout_p = self.dropout if self.training else 0.0
         if attn_maps is None:
-            y = attention(q, k, v, self.backend, dropout_p, kv_start, slots)
+            y = attention(q, k, v, self.backend, dropout_p, kv_start, slots, self.window)
         else:  # visualization: the textbook computation, keeping the probabilities
-            y, probs = naive_attention(q, k, v, causal_mask(T, k.size(2), kv_start, x.device, slots), dropout_p)
+            mask = causal_mask(T, k.size(2), kv_start, x.device, slots, self.window)
+            y, probs = naive_attention(q, k, v, mask, dropout_p)
             attn_maps.append(probs)
         return self.wo(y.transpose(1, 2).reshape(B, T, -1))
 
@@ -164,15 +166,15 @@ class Transformer(nn.Module):
         positions: (T,) or (B, T) position of each token (default: after the cache's contents,
             counted from each row's first token after its kv_start padding).
         kv_start: (B,) number of left-padding slots per row, masked out of attention.
-        cache: a KVCache, written in place at its `pos` (a tensor, so that a one-token step has the
-            same shapes every time); attention reads the whole cache, masked to what is written.
+        cache: a KVCache, written in place at each row's `pos` (a tensor, so that a one-token step has
+            the same shapes every time); attention reads the whole cache, masked to what is written.
         last_only: compute logits for the last position only (generation).
         attn_maps: a list to which each layer appends its attention probabilities (B, H, T, Tk).
         """
         B, T = idx.shape
         if T > self.config.block_size:  # (a cache is never longer than block_size: see KVCache)
             raise ValueError(f"sequence of {T} tokens exceeds block_size={self.config.block_size}")
-        slots = None if cache is None else cache.pos + torch.arange(T, device=idx.device)
+        slots = None if cache is None else cache.pos[:, None] + torch.arange(T, device=idx.device)  # (B, T)
         if positions is None:
             positions = torch.arange(T, device=idx.device) if slots is None else slots
             if kv_start is not None:

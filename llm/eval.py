@@ -109,7 +109,7 @@ def bits_per_byte(nats_total: float, n_bytes: int) -> float:
 
 # --- evaluation --------------------------------------------------------------------------------------
 
-def read_tokens(data: str, tokenizer: Tokenizer, max_tokens: int | None = None) -> tuple[np.ndarray, int]:
+def tokenize_text(data: str, tokenizer: Tokenizer, max_tokens: int | None = None) -> tuple[np.ndarray, int]:
     """(token stream, documents in it) of the text files at `data`, tokenized as training does:
     each document (long ones in pieces) through encode_corpus and followed by the EOS token, with
     one EOS in front too, so the first document's first token is predicted like every other's.
@@ -200,7 +200,7 @@ def main(argv=None):
         block_size = args.block_size or model.config.block_size
         if block_size > model.config.block_size:
             raise UserError(f"--block_size {block_size} exceeds the model's context of {model.config.block_size}")
-        tokens, documents = read_tokens(args.data, tokenizer, args.max_tokens)
+        tokens, documents = tokenize_text(args.data, tokenizer, args.max_tokens)
         nats, n_tokens = evaluate_tokens(model, tokens, block_size, args.batch_size)
         n_bytes = target_bytes(tokenizer, [tokens])
         loss = nats / n_tokens

@@ -19,7 +19,7 @@ from safetensors.torch import save_file
 from tokenizers import Tokenizer as HFTokenizer
 from tokenizers import decoders, models, normalizers, pre_tokenizers, processors, trainers
 
-from llm.eval import bits_per_byte, evaluate_tokens, main, read_tokens, target_bytes, windows
+from llm.eval import bits_per_byte, evaluate_tokens, main, tokenize_text, target_bytes, windows
 from llm.model.tokenizer import Tokenizer
 from tests.helpers import tiny_model
 
@@ -184,7 +184,7 @@ def test_every_token_is_predicted_once(block_size, batch_size, max_tokens, tmp_p
     tokenizer = TOKENIZERS["byte-level"]
     model = per_token_model(seed, tokenizer)
     data = write_documents(tmp_path / "data", DOCUMENTS)
-    stream, documents = read_tokens(str(data), tokenizer, max_tokens)
+    stream, documents = tokenize_text(str(data), tokenizer, max_tokens)
     expected, starts = [tokenizer.eot_id], []
     for ids in tokenizer.encode_corpus(DOCUMENTS):
         starts.append(len(expected))
@@ -211,7 +211,7 @@ def test_command_on_a_run_directory(tmp_path, seed):
                              "--block_size", "9", "--device", "cpu"],
                             cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
-    tokens = torch.tensor(read_tokens(str(data), tokenizer)[0])
+    tokens = torch.tensor(tokenize_text(str(data), tokenizer)[0])
     with torch.no_grad():
         loss = F.cross_entropy(model(tokens[:-1, None])[:, 0], tokens[1:]).item()
     printed = parse(result.stdout)
@@ -236,7 +236,7 @@ def test_hugging_face_llama_directory(tmp_path, capsys, seed):
     data = write_documents(tmp_path / "data", DOCUMENTS[:2])
     result = run_main(["--ckpt", tmp_path / "hf", "--data", data], capsys)  # one window: the stream fits in 128
 
-    stream, _ = read_tokens(str(data), tokenizer)
+    stream, _ = tokenize_text(str(data), tokenizer)
     assert len(stream) <= 129
     with torch.no_grad():
         tokens = torch.tensor(stream)[None]

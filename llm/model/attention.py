@@ -119,7 +119,7 @@ def sdpa_attention(q, k, v, dropout_p, kv_start, q_slots, window):
     groups = H // k.size(1)
     if q_len == 1 and groups > 1:
         # One query per head (decoding): the heads sharing a KV head become that head's queries,
-        # plain multi-head attention (SDPA's GQA path is several times slower on CPU in bf16).
+        # plain multi-head attention (SDPA's GQA path is slow on CPU in bf16).
         out = F.scaled_dot_product_attention(q.view(B, H // groups, groups, D), k, v, attn_mask=mask,
                                              dropout_p=dropout_p)
         return out.view(B, H, 1, D)

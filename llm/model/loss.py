@@ -10,14 +10,12 @@ never exist. Same FLOPs, same result as F.cross_entropy(F.linear(x, weight), tar
 """
 import torch
 
-CHUNK_ELEMENTS = 1 << 22  # logits per chunk (16 MB in fp32; measured best of 1, 2, 4 M on a 2-core EPYC)
+CHUNK_ELEMENTS = 1 << 22  # logits per chunk: 16 MB in fp32, small enough to stay in cache
 
 
 def project(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """x @ weightᵀ. In fp32 on CPU through oneDNN: MKL's sgemm, which the plain product uses, ran
-    the head's shape (512 × 256 by (8192 × 256)ᵀ) 1.5x slower on the 2-core EPYC, and the training
-    step 1.05-1.08x slower for it; the gradient's product with the weight gains another 1.02x
-    (bf16 products already go through oneDNN)."""
+    """x @ weightᵀ; in fp32 on CPU through oneDNN, which is faster than MKL's sgemm (the plain
+    product's) for the head's thin shapes on some CPUs (docs/results.md)."""
     if (x.dtype == torch.float32 and x.device.type == "cpu" and torch.backends.mkldnn.is_available()
             and not torch.compiler.is_compiling()):  # (compiled, inductor chooses its own kernel)
         return torch.ops.mkldnn._linear_pointwise(x, weight, None, "none", [], "")

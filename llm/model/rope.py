@@ -6,7 +6,7 @@ Channel i of the first half is paired with channel i of the second half:
 Computed half by half, so rotate_half is never materialized, and differentiated by hand: the
 rotation is orthogonal, so its backward is the rotation by the opposite angle. That is a few
 passes over q and k in each direction instead of the dozen that autograd records for the
-formula above (which cost a fifth of a CPU training step).
+formula above.
 """
 import torch
 

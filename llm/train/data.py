@@ -260,7 +260,7 @@ class TokenWriter:
         """Enough documents: move the ones so far from tokens.bin into train.bin and val.bin."""
         self.stream.close()
         self.splits = {name: open(self.out / f"{name}.bin", "wb") for name in ("train", "val")}
-        stream = read_tokens(self.out / "tokens.bin", self.dtype)
+        stream = map_tokens(self.out / "tokens.bin", self.dtype)
         start = 0
         for doc, (length, _) in enumerate(self.doc_lengths):
             split = "val" if is_validation(doc, self.val_fraction) else "train"
@@ -308,7 +308,7 @@ def batched_by_bytes(items: Iterator, max_bytes: int) -> Iterator[list]:
         yield batch
 
 
-def read_tokens(path: Path, dtype: str) -> np.ndarray:
+def map_tokens(path: Path, dtype: str) -> np.ndarray:
     # np.memmap cannot map an empty file
     return np.memmap(path, dtype=dtype, mode="r") if path.stat().st_size else np.zeros(0, dtype)
 
@@ -324,13 +324,13 @@ def split_tokens(directory: Path, block_size: int) -> TokenSplits:
     meta = json.loads((directory / "meta.json").read_text())
     window = block_size + 1
     if meta["split"] == "documents":
-        train, val = (read_tokens(directory / f"{split}.bin", meta["dtype"]) for split in ("train", "val"))
+        train, val = (map_tokens(directory / f"{split}.bin", meta["dtype"]) for split in ("train", "val"))
         if len(train) >= window and len(val) >= window:
             how = f"{meta['val_documents']:,} of {meta['val_documents'] + meta['train_documents']:,} documents"
             return TokenSplits(train, val, meta, how)
         stream = np.concatenate([train, val])  # a small corpus (its validation documents hold no window)
     else:
-        stream = read_tokens(directory / "tokens.bin", meta["dtype"])
+        stream = map_tokens(directory / "tokens.bin", meta["dtype"])
     n_val = max(math.ceil(meta["val_fraction"] * len(stream)), window)
     if len(stream) - n_val < window:
         raise UserError(f"the corpus has {len(stream):,} tokens, too few for one training and one validation window "

@@ -153,8 +153,7 @@ def test_kv_start(seed, causal, Nq, dtype):
     pytest.param(1, False, 1, torch.bfloat16, None, id="decode-mqa-bf16"),
     pytest.param(3, True, 2, torch.bfloat16, None, id="Nq3-causal-gqa-bf16"),
     pytest.param(3, False, 4, torch.float32, None, id="Nq3-mha"),
-    pytest.param(3, True, 2, torch.float32, "tma,pack_gqa,fused_scale,heavy_first",
-                 id="Nq3-causal-gqa-all-options"),
+    pytest.param(3, True, 2, torch.float32, "heavy_first", id="Nq3-causal-gqa-heavy_first"),
 ])
 def test_kv_end_static_cache(seed, Nq, causal, Hkv, dtype, options):
     """A decode step over a whole fixed-length cache (Nk = L) with a per-row filled length:
@@ -182,17 +181,10 @@ def test_kv_end_static_cache(seed, Nq, causal, Hkv, dtype, options):
     assert (dk[unused] == 0).all() and (dv[unused] == 0).all(), f"seed={seed}"
 
 
-OPTION_VARIANTS = ["fused_scale", "heavy_first", "pack_gqa", "tma",
-                   "fused_scale,heavy_first,pack_gqa,tma,tile=32x16x4x1"]
-
-
-@pytest.mark.parametrize("options", OPTION_VARIANTS)
-def test_options(seed, options):
-    """Every kernel variant computes the same attention: a causal prefill with left padding
-    (GROUP = 3, so packed tiles straddle query heads) and a bf16 decode step (Nq = 2) over a
-    static cache with kv_end."""
-    if DEVICE == "cuda" and "tile=" not in options:
-        options += "," + GPU_TILE
+def test_options(seed):
+    """heavy_first (the one kernel option) computes the same attention: a causal prefill with
+    left padding (GROUP = 3) and a bf16 decode step (Nq = 2) over a static cache with kv_end."""
+    options = "heavy_first" + ("," + GPU_TILE if DEVICE == "cuda" else "")
     B, H, Hkv, D = 2, 6, 2, 32
     q, k, v = make_qkv(B, H, Hkv, 37, 37, D, torch.float32)
     run_and_compare(q, k, v, seed, causal=True, kv_start=torch.tensor([0, 9], device=DEVICE),
@@ -203,21 +195,18 @@ def test_options(seed, options):
 
 
 def test_options_parse(monkeypatch):
-    options = fa.Options.parse("pack_gqa+dkdv=32x128x4x2, tile=64x64x4x3")
-    assert options.pack_gqa and not options.fused_scale and not options.heavy_first
+    options = fa.Options.parse("heavy_first+dkdv=32x128x4x2, tile=64x64x4x3")
+    assert options.heavy_first and options.flags() == ("heavy_first",)
     # A kernel's own pin wins over tile=, whatever the order.
     assert options.tile("dkdv") == Tile(32, 128, 4, 2) and options.tile("fwd") == Tile(64, 64, 4, 3)
     assert fa.Options.parse(str(options)) == options
     assert fa.Options.parse("") == fa.Options() and str(fa.Options()) == "default"
     for text, message in (("fast", "unknown flash_attention option 'fast'"),
+                          ("pack_gqa", "unknown flash_attention option 'pack_gqa'"),
                           ("tile=64x64", "is not BLOCK_MxBLOCK_NxWARPSxSTAGES"),
                           ("fwd=48x64x4x3", "blocks must be 16..256")):
         with pytest.raises(ValueError, match=message):
             fa.Options.parse(text)
-    # tma falls back to plain loads where TMA cannot go: a stride along D, unaligned rows.
-    assert fa._tma_usable(torch.randn(2, 2, 8, 16, device=DEVICE))
-    assert not fa._tma_usable(torch.randn(2, 2, 8, 32, device=DEVICE)[..., ::2])
-    assert not fa._tma_usable(torch.randn(2, 2, 8, 18, device=DEVICE)[..., :16])
     monkeypatch.setenv("FLASH_ATTENTION_OPTIONS", "bogus")
     with pytest.raises(ValueError, match="FLASH_ATTENTION_OPTIONS: unknown flash_attention"):
         flash_attention(*_inputs())
@@ -259,8 +248,7 @@ def test_other_block_shapes(seed, block_m, block_n):
                     kv_end=torch.tensor([45, 32], device=DEVICE), options=options)
 
 
-@pytest.mark.parametrize("options", [None, "fused_scale,pack_gqa"])
-def test_torch_compile_fullgraph(seed, options):
+def test_torch_compile_fullgraph(seed):
     """torch.compile(fullgraph=True) sees the kernels as custom operators: one graph, no break.
     Forward and backward with kv_start and kv_end match the reference, and eager bit for bit
     (the same kernels run on the same tiles)."""
@@ -271,19 +259,17 @@ def test_torch_compile_fullgraph(seed, options):
     counters.clear()
     backend = CompileCounterWithBackend("aot_eager")
     compiled = torch.compile(flash_attention, fullgraph=True, backend=backend)
-    if options and DEVICE == "cuda":
-        options += "," + GPU_TILE
     B, H, Hkv, Nq, Nk, D = 2, 4, 2, 3, 40, 16
     kv_start = torch.tensor([0, 5], device=DEVICE)
     kv_end = torch.tensor([Nk, 23], device=DEVICE)
     q, k, v = make_qkv(B, H, Hkv, Nq, Nk, D, torch.float32)
     do = torch.randn(B, H, Nq, D, device=DEVICE)
     out, grads = run_and_compare(q, k, v, seed, kv_start=kv_start, kv_end=kv_end, do=do,
-                                 options=options, attention=compiled)
+                                 attention=compiled)
     assert backend.frame_count == 1 and not counters["graph_break"], dict(counters["graph_break"])
     assert "triton_kernels.flash_attention_fwd" in str(backend.graphs[0].graph)
 
-    eager = flash_attention(q, k, v, kv_start=kv_start, kv_end=kv_end, options=options)
+    eager = flash_attention(q, k, v, kv_start=kv_start, kv_end=kv_end)
     eager_grads = torch.autograd.grad(eager, (q, k, v), do)
     assert torch.equal(out, eager) and all(map(torch.equal, grads, eager_grads))
 
@@ -298,7 +284,7 @@ def test_custom_ops_opcheck(seed):
     torch.library.opcheck(fa._fwd_op, (q, k, v, True, 0.25, kv_start, kv_end, None))
     o, lse = (t.detach() for t in fa._fwd_op(q, k, v, True, 0.25, kv_start, kv_end, None))
     do = torch.randn_like(o)
-    options = "fused_scale" + ("," + GPU_TILE if DEVICE == "cuda" else "")  # options as text
+    options = "heavy_first" + ("," + GPU_TILE if DEVICE == "cuda" else "")  # options as text
     torch.library.opcheck(fa._bwd_op, (do, *(t.detach() for t in (q, k, v)), o, lse, True, 0.25,
                                        kv_start, kv_end, options))
 

@@ -1,8 +1,7 @@
 """Correctness of the compiled FlashAttention kernel on the GPU against a float64 reference.
 
     python bench/gpu/check_kernel.py [--n 4096] [--head_dims 64,128] [--dtypes bf16,fp16]
-        [--options "tile=64x64x4x3;fused_scale,heavy_first,pack_gqa,tile=64x64x4x3"]
-        [--cases TEXT] [--json PATH]
+        [--options "tile=64x64x4x3;heavy_first,tile=64x64x4x3"] [--cases TEXT] [--json PATH]
 
 Prints one row per (case, dtype, head dim, options): the relative errors ||x - ref|| /
 max(||ref||, 1) of the output and of dQ, dK, dV, and whether each is within the bound

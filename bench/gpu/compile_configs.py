@@ -50,8 +50,8 @@ def captured_launches(head_dim, dtype, causal, options, kv_heads=H):
     """[(kernel name, jit function, positional args, constexprs)] of one forward + backward."""
     calls = []
 
-    def capture(name, kernel, n_tiles, heads, args, constexprs, *rest):
-        calls.append((name, kernel, args, constexprs))
+    def capture(name, kernel, n_tiles, heads, args, constexprs, options, *rest):
+        calls.append((name, kernel, args, dict(constexprs, HEAVY_FIRST=options.heavy_first)))
 
     class NoLaunch:  # the untuned preprocess kernel
         def __getitem__(self, grid):
@@ -60,41 +60,51 @@ def captured_launches(head_dim, dtype, causal, options, kv_heads=H):
     def meta(*shape):
         return torch.empty(*shape, dtype=dtype, device="meta")
 
-    q = meta(B, H, N, head_dim)
-    k, v = meta(B, kv_heads, N, head_dim), meta(B, kv_heads, N, head_dim)
+    q, k, v = meta(B, H, N, head_dim), meta(B, kv_heads, N, head_dim), \
+        meta(B, kv_heads, N, head_dim)
+    problem = flash._Problem(q, k, causal, head_dim ** -0.5, None, None)
     with mock.patch.object(flash, "_launch", capture), \
             mock.patch.object(flash, "_attn_bwd_preprocess", NoLaunch()):
-        o, lse = flash._forward(q, k, v, causal, head_dim ** -0.5, None, None, options)
-        flash._backward(meta(B, H, N, head_dim), q, k, v, o, lse, causal, head_dim ** -0.5,
-                        None, None, options)
+        o, lse = flash._forward(q, k, v, problem, options)
+        flash._backward(torch.empty_like(o), q, k, v, o, lse, problem, options)
     return calls
 
 
 def specialize(kernel, args, constexprs):
     """(signature, constexprs, attrs) for triton.compile, as Triton's launcher would derive them
     from these arguments: tensors become 16-byte aligned pointers, ints equal to 1 constants,
-    ints divisible by 16 get a divisibility hint, None a constant."""
+    ints divisible by 16 get a divisibility hint, None a constant; tuples (the strides) element
+    by element, keyed by their path (argument index, element index)."""
     values = dict(zip(kernel.arg_names, args), **constexprs)
-    signature, constants, attrs = {}, {}, {}
-    for index, name in enumerate(kernel.arg_names):
-        value = values[name]
+    constants, attrs = {}, {}
+
+    def arg_type(path, value):
+        if isinstance(value, tuple):
+            return tuple(arg_type((*path, i), x) for i, x in enumerate(value))
         divisible = False
-        if name in constexprs or value is None or (type(value) is int and value == 1):
-            signature[name] = "constexpr"
-            constants[name] = value
-            continue
+        if value is None or (type(value) is int and value == 1):
+            constants[path] = value
+            return "constexpr"
         if isinstance(value, torch.Tensor):
-            signature[name] = "*" + TYPE_NAMES[value.dtype]
-            divisible = True
+            kind, divisible = "*" + TYPE_NAMES[value.dtype], True
         elif isinstance(value, float):
-            signature[name] = "fp32"
+            kind = "fp32"
         elif isinstance(value, int):
-            signature[name] = "i32" if -2**31 <= value < 2**31 else "i64"
+            kind = "i32" if -2**31 <= value < 2**31 else "i64"
             divisible = value % 16 == 0
         else:
-            raise TypeError(f"{kernel.__name__}: cannot specialize {name}={value!r}")
+            raise TypeError(f"{kernel.__name__}: cannot specialize {value!r} at {path}")
         if divisible:
-            attrs[(index,)] = [["tt.divisibility", 16]]
+            attrs[path] = [["tt.divisibility", 16]]
+        return kind
+
+    signature = {}
+    for index, name in enumerate(kernel.arg_names):
+        if name in constexprs:
+            signature[name] = "constexpr"
+            constants[(index,)] = constexprs[name]
+        else:
+            signature[name] = arg_type((index,), values[name])
     return signature, constants, attrs
 
 
@@ -146,7 +156,7 @@ def main(argv=None):
     parser.add_argument("--kernels", default=",".join(flash.KERNELS))
     parser.add_argument("--head_dims", default="64,128")
     parser.add_argument("--dtypes", default="bf16,fp16,fp32")
-    parser.add_argument("--options", default="", help="flash Options, e.g. fused_scale,pack_gqa")
+    parser.add_argument("--options", default="", help="flash Options, e.g. heavy_first")
     parser.add_argument("--kv_heads", type=int, default=H, help=f"of {H} query heads (GQA)")
     parser.add_argument("--extra", action="store_true", help="also flash.EXTRA_TILES")
     parser.add_argument("--tiles", help="compile these tiles instead, e.g. 32x32x4x2,64x32x4x2")

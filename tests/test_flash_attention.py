@@ -12,6 +12,8 @@ from pathlib import Path
 
 import pytest
 import torch
+import triton
+import triton.language as tl
 
 from triton_kernels import flash as fa
 from triton_kernels import flash_attention
@@ -49,8 +51,8 @@ def seed():
     return value
 
 
-def visibility(B, Nq, Nk, causal, kv_start=None, kv_end=None):
-    return reference_visibility(B, Nq, Nk, causal, kv_start, kv_end, DEVICE)
+def visibility(B, Nq, Nk, causal, kv_start=None, kv_end=None, window=None):
+    return reference_visibility(B, Nq, Nk, causal, kv_start, kv_end, DEVICE, window)
 
 
 def randn(*shape, dtype):
@@ -62,25 +64,23 @@ def make_qkv(B, H, Hkv, Nq, Nk, D, dtype):
         randn(B, Hkv, Nk, D, dtype=dtype)
 
 
-def run_and_compare(q, k, v, seed, causal=True, sm_scale=None, kv_start=None, kv_end=None,
-                    do=None, options=None, clean_kv=None, attention=flash_attention):
-    """Run forward + backward for kernel and reference; assert shapes, finiteness, tolerance.
-    q, k, v may be non-leaf views: gradients are taken w.r.t. them via autograd.grad.
-    clean_kv: (k, v) for the reference where the kernel's k, v hold poison in unused rows.
-    attention: flash_attention, or a compiled version of it."""
+def compare(seed, inputs, attention, attention64, do=None, clean_kv=None, label=""):
+    """Run attention(q, k, v) forward + backward and attention64 (the float64 reference) on the
+    same inputs; assert shapes, dtypes, finiteness and the tolerance. q, k, v may be non-leaf
+    views: gradients are taken w.r.t. them via autograd.grad. clean_kv: (k, v) for the
+    reference where the kernel's k, v hold poison in unused rows."""
+    q, k, v = inputs
     dtype = q.dtype
     tol = TOLERANCE[dtype]
     q, k, v = (t.requires_grad_() if t.is_leaf else t for t in (q, k, v))
-    out = attention(q, k, v, causal=causal, sm_scale=sm_scale, kv_start=kv_start,
-                    kv_end=kv_end, options=options)
+    out = attention(q, k, v)
     assert out.shape == q.shape and out.dtype == dtype
     if do is None:
         do = torch.randn_like(out)
     grads = torch.autograd.grad(out, (q, k, v), do)
 
     q64, k64, v64 = (t.detach().double().requires_grad_() for t in (q, *(clean_kv or (k, v))))
-    scale = sm_scale if sm_scale is not None else q.shape[-1] ** -0.5
-    ref = reference(q64, k64, v64, causal, scale, kv_start, kv_end)
+    ref = attention64(q64, k64, v64)
     ref_grads = torch.autograd.grad(ref, (q64, k64, v64), do.double())
 
     errors = {}
@@ -89,11 +89,23 @@ def run_and_compare(q, k, v, seed, causal=True, sm_scale=None, kv_start=None, kv
         assert got.shape == like.shape and got.dtype == dtype, name
         assert torch.isfinite(got).all(), f"{name} has NaN/inf (seed={seed})"
         errors[name] = rel_err(got, want)
-    print(f"{dtype} {options or ''} relative errors: "
+    print(f"{dtype} {label} relative errors: "
           + ", ".join(f"{n}={e:.2e}" for n, e in errors.items()))
     bad = {n: e for n, e in errors.items() if not e <= tol}
     assert not bad, f"relative error above {tol:g} for {dtype}: {bad} (seed={seed})"
     return out, grads
+
+
+def run_and_compare(q, k, v, seed, causal=True, sm_scale=None, kv_start=None, kv_end=None,
+                    window=None, do=None, options=None, clean_kv=None, attention=flash_attention):
+    """flash_attention (or a compiled version of it) against the reference."""
+    scale = sm_scale if sm_scale is not None else q.shape[-1] ** -0.5
+    return compare(seed, (q, k, v),
+                   lambda q, k, v: attention(q, k, v, causal=causal, sm_scale=sm_scale,
+                                             kv_start=kv_start, kv_end=kv_end, window=window,
+                                             options=options),
+                   lambda q, k, v: reference(q, k, v, causal, scale, kv_start, kv_end, window),
+                   do, clean_kv, f"window={window} {options or ''}")
 
 
 CASES = [
@@ -148,25 +160,26 @@ def test_kv_start(seed, causal, Nq, dtype):
     assert (dk[masked_keys] == 0).all() and (dv[masked_keys] == 0).all(), f"seed={seed}"
 
 
-@pytest.mark.parametrize("Nq, causal, Hkv, dtype, options", [
-    pytest.param(1, True, 2, torch.float32, None, id="decode-causal-gqa"),
-    pytest.param(1, False, 1, torch.bfloat16, None, id="decode-mqa-bf16"),
-    pytest.param(3, True, 2, torch.bfloat16, None, id="Nq3-causal-gqa-bf16"),
-    pytest.param(3, False, 4, torch.float32, None, id="Nq3-mha"),
-    pytest.param(3, True, 2, torch.float32, "heavy_first", id="Nq3-causal-gqa-heavy_first"),
+@pytest.mark.parametrize("Nq, causal, Hkv, dtype, window, options", [
+    pytest.param(1, True, 2, torch.float32, None, None, id="decode-causal-gqa"),
+    pytest.param(1, False, 1, torch.bfloat16, None, None, id="decode-mqa-bf16"),
+    pytest.param(3, True, 2, torch.bfloat16, None, None, id="Nq3-causal-gqa-bf16"),
+    pytest.param(3, False, 4, torch.float32, None, None, id="Nq3-mha"),
+    pytest.param(3, True, 2, torch.float32, 20, "heavy_first", id="Nq3-window-heavy_first"),
 ])
-def test_kv_end_static_cache(seed, Nq, causal, Hkv, dtype, options):
+def test_kv_end_static_cache(seed, Nq, causal, Hkv, dtype, window, options):
     """A decode step over a whole fixed-length cache (Nk = L) with a per-row filled length:
     row 0 full, row 1 cut inside a key block, row 2 on a block boundary (32), row 3 shorter than
-    Nq = 3 (its first query rows see nothing when causal), combined with left padding. The cache
-    beyond kv_end and before kv_start holds NaN/inf: none of it may reach any result."""
+    Nq = 3 (its first query rows see nothing when causal), combined with left padding and, for
+    Mistral, a sliding window. The cache beyond kv_end and before kv_start holds NaN/inf: none
+    of it may reach any result."""
     B, H, L, D = 4, 4, 70, 32
     kv_start = torch.tensor([5, 0, 16, 0], device=DEVICE)
     kv_end = torch.tensor([L, 45, 32, 2], device=DEVICE)
     q = randn(B, H, Nq, D, dtype=dtype)
     (k, v), clean_kv, unused = poison_unused_kv(randn(B, Hkv, L, D, dtype=dtype),
                                                 randn(B, Hkv, L, D, dtype=dtype), kv_start, kv_end)
-    empty_rows = ~visibility(B, Nq, L, causal, kv_start, kv_end).any(-1)  # (B, Nq)
+    empty_rows = ~visibility(B, Nq, L, causal, kv_start, kv_end, window).any(-1)  # (B, Nq)
     assert empty_rows.any() == (causal and Nq == 3)
     do = torch.randn(B, H, Nq, D, device=DEVICE)
     do[empty_rows[:, None, :].expand(B, H, Nq)] *= 1e4  # a leak from these rows would dominate
@@ -175,7 +188,8 @@ def test_kv_end_static_cache(seed, Nq, causal, Hkv, dtype, options):
     if options and DEVICE == "cuda":
         options += "," + GPU_TILE
     out, (dq, dk, dv) = run_and_compare(q, k, v, seed, causal=causal, kv_start=kv_start,
-                                        kv_end=kv_end, do=do, clean_kv=clean_kv, options=options)
+                                        kv_end=kv_end, window=window, do=do, clean_kv=clean_kv,
+                                        options=options)
     rows = empty_rows[:, None, :].expand(B, H, Nq)
     assert (out[rows] == 0).all() and (dq[rows] == 0).all(), f"seed={seed}"
     assert (dk[unused] == 0).all() and (dv[unused] == 0).all(), f"seed={seed}"
@@ -248,6 +262,118 @@ def test_other_block_shapes(seed, block_m, block_n):
                     kv_end=torch.tensor([45, 32], device=DEVICE), options=options)
 
 
+@triton.jit
+def _block_ranges(PARAMS, OUT, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                  CAUSAL: tl.constexpr, WINDOWED: tl.constexpr):
+    """For the problem PARAMS[i] = (q_lo, q_hi, kv_lo, kv_hi, diag, window, Nq, start_n), the
+    key blocks of query rows q_lo..q_hi and the query blocks of key block start_n."""
+    p = PARAMS + tl.program_id(0) * 8
+    window = tl.load(p + 5) if WINDOWED else None
+    seen = (tl.load(p + 2), tl.load(p + 3), tl.load(p + 4), window)
+    key_blocks = fa._key_blocks(tl.load(p), tl.load(p + 1), seen, BLOCK_N, CAUSAL)
+    query_blocks = fa._query_blocks(tl.load(p + 7), seen, tl.load(p + 6), BLOCK_M, BLOCK_N, CAUSAL)
+    for s in tl.static_range(4):
+        tl.store(OUT + tl.program_id(0) * 8 + s, key_blocks[s])
+        tl.store(OUT + tl.program_id(0) * 8 + 4 + s, query_blocks[s])
+
+
+@pytest.mark.parametrize("causal, windowed", [(True, True), (True, False), (False, False)])
+def test_block_ranges_are_exact(seed, causal, windowed):
+    """The block ranges of random problems (kv_start, kv_end, Nq < Nk and Nq > Nk, empty key
+    ranges, windows) against brute force: [first, last) runs from the first to the last block
+    that anyone sees (nothing else is read), and every block in [clean_lo, clean_hi) is seen
+    whole by every row, so the unmasked stage may skip the mask."""
+    BM, BN = 16, 32
+    problems = []
+    for _ in range(48):
+        Nk, Nq = (int(x) for x in torch.randint(1, 120, (2,)))
+        kv_lo, kv_hi = sorted(int(x) for x in torch.randint(0, Nk + 1, (2,)))
+        window = int(torch.randint(1, Nk + 3, ()))
+        q_lo = BM * int(torch.randint(0, triton.cdiv(Nq, BM), ()))
+        start_n = BN * int(torch.randint(0, triton.cdiv(Nk, BN), ()))
+        problems.append((q_lo, min(q_lo + BM, Nq) - 1, kv_lo, kv_hi, kv_hi - Nq, window, Nq,
+                         start_n))
+    out = torch.zeros(len(problems), 8, dtype=torch.int32, device=DEVICE)
+    _block_ranges[(len(problems),)](torch.tensor(problems, dtype=torch.int32, device=DEVICE), out,
+                                    BLOCK_M=BM, BLOCK_N=BN, CAUSAL=causal, WINDOWED=windowed)
+
+    def check(name, blocks, bounds):
+        """blocks: the (rows, keys) visibility of each block."""
+        first, clean_lo, clean_hi, last = bounds
+        seen = [n for n, block in enumerate(blocks) if block.any()]
+        assert (first, last) == ((seen[0], seen[-1] + 1) if seen else (first, first)), name
+        assert first <= clean_lo <= clean_hi <= last, name
+        assert all(block.all() for block in blocks[clean_lo:clean_hi]), name
+
+    for problem, bounds in zip(problems, out.tolist()):
+        q_lo, q_hi, kv_lo, kv_hi, diag, window, Nq, start_n = problem
+        Nk = triton.cdiv(max(kv_hi, 1), BN) * BN
+        visible = torch.zeros(triton.cdiv(Nq, BM) * BM, Nk, dtype=torch.bool)  # padding: False
+        visible[:Nq] = reference_visibility(1, Nq, Nk, causal, torch.tensor([kv_lo]),
+                                            torch.tensor([kv_hi]), "cpu",
+                                            window if windowed else None)[0]
+        name = f"{problem} (seed={seed})"
+        check(f"key blocks of {name}", visible[q_lo:q_hi + 1].split(BN, dim=1), bounds[:4])
+        check(f"query blocks of {name}", visible[:, start_n:start_n + BN].split(BM), bounds[4:])
+
+
+@pytest.mark.parametrize("B, H, Hkv, Nq, Nk, window, dtype, kv_range, options", [
+    pytest.param(2, 4, 2, 40, 40, 2, torch.float32, False, None, id="w2-gqa"),
+    pytest.param(2, 2, 1, 37, 51, 13, torch.float32, True, "tile=32x16x4x1",
+                 id="w13-kv_start-kv_end-Nq<Nk-tile32x16"),
+    pytest.param(1, 4, 1, 33, 70, 40, torch.bfloat16, False, None, id="w40-mqa-bf16"),
+])
+def test_window(seed, B, H, Hkv, Nq, Nk, window, dtype, kv_range, options):
+    """Sliding-window attention: query i sees the `window` keys ending at its own position
+    i + kv_end - Nq: a window of 2, one that starts inside a block, cut by kv_start (on and
+    off a block boundary) and kv_end, and one that spans blocks."""
+    q, k, v = make_qkv(B, H, Hkv, Nq, Nk, 16, dtype)
+    kv_start = torch.tensor([0, 20], device=DEVICE)[:B] if kv_range else None
+    kv_end = torch.tensor([51, 45], device=DEVICE)[:B] if kv_range else None
+    visible = visibility(B, Nq, Nk, True, kv_start, kv_end, window)
+    assert (visible.sum(-1) <= window).all() and (visible.sum(-1) == min(window, Nk)).any()
+    if options and DEVICE == "cuda":
+        options += "," + GPU_TILE
+    run_and_compare(q, k, v, seed, kv_start=kv_start, kv_end=kv_end, window=window,
+                    options=options)
+
+
+def test_window_of_one_sees_itself(seed):
+    """window=1: each query sees only the key at its own position, so its output is that
+    key's value exactly (p = 1, l = 1), in every query head of the group."""
+    B, H, Hkv, Nq, Nk, D = 2, 4, 2, 21, 40, 16
+    q, k, v = make_qkv(B, H, Hkv, Nq, Nk, D, torch.float32)
+    out = flash_attention(q, k, v, window=1)
+    assert torch.equal(out, v.repeat_interleave(H // Hkv, dim=1)[:, :, Nk - Nq:]), f"seed={seed}"
+
+
+def test_window_reads_no_block_left_of_every_window(seed):
+    """8 queries over 100 keys with a window of 20: the keys seen start at 100 - 8 - 20 + 1 = 73,
+    so the two 32-key blocks before 64 are seen by nobody. They hold NaN/inf: none of it may
+    reach any result (they are not read), and their dK/dV are exact zeros."""
+    B, H, Hkv, Nq, Nk, D, window = 1, 2, 1, 8, 100, 16, 20
+    options = "tile=16x32x4x1"  # 32-key blocks in all three kernels
+    q, k, v = make_qkv(B, H, Hkv, Nq, Nk, D, torch.float32)
+    unused = (torch.arange(Nk, device=DEVICE) < 64)[None, None, :].expand(B, Hkv, Nk)
+    assert not visibility(B, Nq, Nk, True, window=window)[..., :73].any()
+    clean_kv = k.masked_fill(unused[..., None], 0), v.masked_fill(unused[..., None], 0)
+    k, v = k.masked_fill(unused[..., None], float("nan")), v.masked_fill(unused[..., None], float("inf"))
+    _, (dq, dk, dv) = run_and_compare(q, k, v, seed, window=window, options=options,
+                                      clean_kv=clean_kv)
+    assert (dk[unused] == 0).all() and (dv[unused] == 0).all(), f"seed={seed}"
+
+
+def test_window_is_transformers_mistral_mask():
+    """The reference's window is transformers' sliding-window causal mask (Mistral): key j is
+    visible to query i iff j <= i and i - j < sliding_window."""
+    masking_utils = pytest.importorskip("transformers.masking_utils")
+    N = 24
+    i, j = torch.arange(N)[:, None], torch.arange(N)[None, :]
+    for window in (1, 5, 24):
+        theirs = masking_utils.sliding_window_causal_mask_function(window)(0, 0, i, j)
+        assert torch.equal(visibility(1, N, N, True, window=window)[0].cpu(), theirs)
+
+
 def test_torch_compile_fullgraph(seed):
     """torch.compile(fullgraph=True) sees the kernels as custom operators: one graph, no break.
     Forward and backward with kv_start and kv_end match the reference, and eager bit for bit
@@ -281,12 +407,12 @@ def test_custom_ops_opcheck(seed):
     q, k, v = (t.requires_grad_() for t in (q, k, v))
     kv_start = torch.tensor([2], dtype=torch.int32, device=DEVICE)
     kv_end = torch.tensor([15], dtype=torch.int32, device=DEVICE)
-    torch.library.opcheck(fa._fwd_op, (q, k, v, True, 0.25, kv_start, kv_end, None))
-    o, lse = (t.detach() for t in fa._fwd_op(q, k, v, True, 0.25, kv_start, kv_end, None))
+    torch.library.opcheck(fa._fwd_op, (q, k, v, True, 0.25, None, kv_start, kv_end, None))
+    o, lse = (t.detach() for t in fa._fwd_op(q, k, v, True, 0.25, None, kv_start, kv_end, None))
     do = torch.randn_like(o)
     options = "heavy_first" + ("," + GPU_TILE if DEVICE == "cuda" else "")  # options as text
     torch.library.opcheck(fa._bwd_op, (do, *(t.detach() for t in (q, k, v)), o, lse, True, 0.25,
-                                       kv_start, kv_end, options))
+                                       None, kv_start, kv_end, options))
 
 
 def test_no_measuring_during_cuda_graph_capture(tmp_path, monkeypatch):
@@ -373,6 +499,17 @@ def test_bad_inputs(make_args, message):
 def test_bad_kv_range(name, value, message):
     with pytest.raises(ValueError, match=f"flash_attention: {name} {message}"):
         flash_attention(*_inputs(), **{name: value})
+
+
+@pytest.mark.parametrize("window, causal, message", [
+    (0, True, "window must be a positive integer or None, got 0"),
+    (2.5, True, "window must be a positive integer or None, got 2.5"),
+    (True, True, "window must be a positive integer or None, got True"),
+    (4, False, "window needs causal=True"),
+])
+def test_bad_window(window, causal, message):
+    with pytest.raises(ValueError, match=message):
+        flash_attention(*_inputs(), causal=causal, window=window)
 
 
 @pytest.mark.parametrize("sm_scale", [0.0, -1.0, float("nan"), float("inf"), "0.1"])

@@ -1,5 +1,6 @@
-"""FlashAttention forward and backward in Triton, with GQA/MQA, bottom-right causal masking, left
-padding (``kv_start``) and a per-row key count (``kv_end``, for a static KV cache).
+"""FlashAttention forward and backward in Triton, with GQA/MQA, bottom-right causal masking,
+sliding windows, left padding (``kv_start``) and a per-row key count (``kv_end``, for a static
+KV cache).
 
 Shapes: q is (B, H, Nq, D); k and v are (B, Hkv, Nk, D) with Hkv dividing H. Query head h reads
 kv head h // (H // Hkv) directly, so K/V are never repeated in memory. Inputs may be strided views
@@ -16,9 +17,10 @@ program, which is also why tile tuning can rerun the kernels without resetting a
 Masking: query i of batch row b sits at key position p_i = i + kv_end[b] - Nq (bottom-right
 alignment to the last *existing* key, so prefill, decode and a decode step over a fixed-length
 cache share the kernel) and sees key j iff kv_start[b] <= j < kv_end[b] and, when causal,
-j <= p_i. Defaults: kv_start = 0, kv_end = Nk. Each program splits its loop over key (or query)
-blocks into stages: masked, unmasked, masked (``_blocks``); blocks that nobody sees are skipped,
-so a decode step over a long cache reads only the filled part. K/V rows outside [kv_start, kv_end) are never
+p_i - window < j <= p_i (window None: no lower bound). Defaults: kv_start = 0, kv_end = Nk. Each
+program splits its loop over key (or query) blocks into stages: masked, unmasked, masked
+(``_blocks``); blocks that nobody sees are skipped, so a decode step over a long cache reads only
+the filled part, and a window only its own blocks. K/V rows outside [kv_start, kv_end) are never
 used, not even multiplied by zero: an uninitialized cache tail (NaN, inf) cannot leak into any
 result. Rows that see no key output exactly 0 and get log-sum-exp = +inf, so the backward
 recomputes P = exp(S - lse) = 0 for them and they add nothing to any gradient; dK/dV of keys
@@ -151,12 +153,14 @@ def _kv_range(b, Nk, KV_START, KV_END):
 @triton.jit
 def _visible(i, j, seen, CAUSAL: tl.constexpr):
     """Whether query row i may see key row j (broadcast against each other). seen = (kv_lo,
-    kv_hi, diag): query i sits at key position i + diag and, when causal, sees the keys up to
-    there."""
-    kv_lo, kv_hi, diag = seen
+    kv_hi, diag, window): query i sits at key position i + diag and, when causal, sees the keys
+    up to there, at most `window` of them (None: all)."""
+    kv_lo, kv_hi, diag, window = seen
     ok = (j >= kv_lo) & (j < kv_hi)
     if CAUSAL:
         ok = ok & (j <= i + diag)
+        if window is not None:
+            ok = ok & (j > i + diag - window)
     return ok
 
 
@@ -177,11 +181,16 @@ def _blocks(any_lo, any_hi, all_lo, all_hi, BLOCK: tl.constexpr):
 @triton.jit
 def _key_blocks(q_lo, q_hi, seen, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr):
     """Key blocks seen by query rows q_lo..q_hi (inclusive), as _blocks."""
-    kv_lo, kv_hi, diag = seen
+    kv_lo, kv_hi, diag, window = seen
     if not CAUSAL:
         return _blocks(kv_lo, kv_hi, kv_lo, kv_hi, BLOCK_N)
-    # Query i sees keys [kv_lo, i + diag]: the end grows with i.
-    return _blocks(kv_lo, tl.minimum(q_hi + diag + 1, kv_hi), kv_lo,
+    # Query i sees keys (i + diag - window, i + diag]: both ends grow with i.
+    any_lo = kv_lo
+    all_lo = kv_lo
+    if window is not None:
+        any_lo = tl.maximum(q_lo + diag - window + 1, kv_lo)
+        all_lo = tl.maximum(q_hi + diag - window + 1, kv_lo)
+    return _blocks(any_lo, tl.minimum(q_hi + diag + 1, kv_hi), all_lo,
                    tl.minimum(q_lo + diag + 1, kv_hi), BLOCK_N)
 
 
@@ -189,13 +198,16 @@ def _key_blocks(q_lo, q_hi, seen, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr):
 def _query_blocks(start_n, seen, Nq, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                   CAUSAL: tl.constexpr):
     """Query blocks that see key rows [start_n, start_n + BLOCK_N), as _blocks."""
-    kv_lo, kv_hi, diag = seen
+    kv_lo, kv_hi, diag, window = seen
     n_lo = tl.maximum(start_n, kv_lo)  # the block's visible keys: n_lo..n_hi
     n_hi = tl.minimum(start_n + BLOCK_N, kv_hi) - 1
     any_lo, any_hi, all_lo, all_hi = 0, Nq, 0, Nq
-    if CAUSAL:  # key j is seen by queries [j - diag, Nq)
+    if CAUSAL:  # key j is seen by queries [j - diag, j - diag + window)
         any_lo = tl.maximum(n_lo - diag, 0)
         all_lo = tl.maximum(n_hi - diag, 0)
+        if window is not None:
+            any_hi = tl.minimum(n_hi - diag + window, Nq)
+            all_hi = tl.minimum(n_lo - diag + window, Nq)
     # No visible key: nobody sees the block. A hidden key in it: every query block needs the mask.
     any_hi = tl.where(n_lo <= n_hi, any_hi, 0)
     all_hi = tl.where((n_lo == start_n) & (n_hi == start_n + BLOCK_N - 1), all_hi, 0)
@@ -348,7 +360,7 @@ def _attn_fwd_inner(acc, l_i, m_i, q, k_view, v_view, offs_m, seen, qk_scale, bl
 @triton.jit
 def _attn_fwd(Q, K, V, O, LSE, KV_START, KV_END,
               q_strides, k_strides, v_strides, o_strides, lse_strides,
-              sm_scale, H, GROUP, Nq, Nk,
+              sm_scale, window, H, GROUP, Nq, Nk,
               HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr, HEAVY_FIRST: tl.constexpr,
               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """Grid (cdiv(Nq, BLOCK_M), B * H), swapped with HEAVY_FIRST. Writes O and LSE, the base-2
@@ -360,7 +372,7 @@ def _attn_fwd(Q, K, V, O, LSE, KV_START, KV_END,
     start_m = tile * BLOCK_M
     offs_m = start_m + tl.arange(0, BLOCK_M)
     row_ok = offs_m < Nq
-    seen = (kv_lo, kv_hi, kv_hi - Nq)
+    seen = (kv_lo, kv_hi, kv_hi - Nq, window)
 
     q = _load_rows(_view(Q, q_strides, b, h, 0), offs_m, row_ok, HEAD_DIM, True)
     k_view = _view(K, k_strides, b, h // GROUP, 0)
@@ -435,7 +447,7 @@ def _attn_bwd_dkdv_inner(dk, dv, k, v, offs_n, q_view, do_view, lse, delta, GROU
 @triton.jit
 def _attn_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV, KV_START, KV_END,
                    q_strides, k_strides, v_strides, do_strides, lse_strides, dk_strides,
-                   sm_scale, H, GROUP, Nq, Nk,
+                   sm_scale, window, H, GROUP, Nq, Nk,
                    HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr, HEAVY_FIRST: tl.constexpr,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """Grid (cdiv(Nk, BLOCK_N), B * Hkv), swapped with HEAVY_FIRST. Each program owns one key
@@ -447,7 +459,7 @@ def _attn_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV, KV_START, KV_END,
     kv_lo, kv_hi = _kv_range(b, Nk, KV_START, KV_END)
     start_n = tile * BLOCK_N
     offs_n = start_n + tl.arange(0, BLOCK_N)
-    seen = (kv_lo, kv_hi, kv_hi - Nq)
+    seen = (kv_lo, kv_hi, kv_hi - Nq, window)
     blocks = _query_blocks(start_n, seen, Nq, BLOCK_M, BLOCK_N, CAUSAL)
 
     # The keys to read: none if nobody sees the block.
@@ -498,7 +510,7 @@ def _attn_bwd_dq_inner(dq, q, do, lse, delta, k_view, v_view, offs_m, seen, qk_s
 @triton.jit
 def _attn_bwd_dq(Q, K, V, DO, LSE, DELTA, DQ, KV_START, KV_END,
                  q_strides, k_strides, v_strides, do_strides, lse_strides, dq_strides,
-                 sm_scale, H, GROUP, Nq, Nk,
+                 sm_scale, window, H, GROUP, Nq, Nk,
                  HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr, HEAVY_FIRST: tl.constexpr,
                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """Grid (cdiv(Nq, BLOCK_M), B * H), swapped with HEAVY_FIRST. Each program owns one query
@@ -510,7 +522,7 @@ def _attn_bwd_dq(Q, K, V, DO, LSE, DELTA, DQ, KV_START, KV_END,
     start_m = tile * BLOCK_M
     offs_m = start_m + tl.arange(0, BLOCK_M)
     row_ok = offs_m < Nq
-    seen = (kv_lo, kv_hi, kv_hi - Nq)
+    seen = (kv_lo, kv_hi, kv_hi - Nq, window)
 
     q = _load_rows(_view(Q, q_strides, b, h, 0), offs_m, row_ok, HEAD_DIM, True)
     do = _load_rows(_view(DO, do_strides, b, h, 0), offs_m, row_ok, HEAD_DIM, True)
@@ -570,16 +582,19 @@ def _launch(name, kernel, n_tiles, heads, args, constexprs, options, tune_key, d
 class _Problem:
     """One call's sizes and kernel arguments: q (B, H, Nq, D), k and v (B, Hkv, Nk, D)."""
 
-    def __init__(self, q, k, causal, sm_scale, kv_start, kv_end):
+    def __init__(self, q, k, causal, sm_scale, window, kv_start, kv_end):
         self.B, self.H, self.Nq, self.D = q.shape
         self.Hkv, self.Nk = k.shape[1:3]
         self.causal, self.sm_scale = causal, sm_scale
+        # A window longer than the keys would change nothing (but might overflow int32).
+        self.window = None if window is None else min(window, self.Nk)
         self.sequences = (kv_start, kv_end)
         self.constexprs = dict(HEAD_DIM=self.D, CAUSAL=causal)
         # What a tile choice depends on: not the exact lengths (power-of-two buckets), so that a
         # growing cache does not measure again at every step.
         self.tune_key = (str(q.dtype), self.D, causal, self.H // self.Hkv,
-                         triton.next_power_of_2(self.Nq), triton.next_power_of_2(self.Nk))
+                         triton.next_power_of_2(self.Nq), triton.next_power_of_2(self.Nk),
+                         window is not None)
 
     @staticmethod
     def strides(t):
@@ -592,7 +607,7 @@ class _Problem:
         return lse.stride()[:2]
 
     def scalars(self):
-        return (self.sm_scale, self.H, self.H // self.Hkv, self.Nq, self.Nk)
+        return (self.sm_scale, self.window, self.H, self.H // self.Hkv, self.Nq, self.Nk)
 
 
 def _forward(q, k, v, p, options):
@@ -645,28 +660,30 @@ def _resolve_options(text):
 
 @torch.library.custom_op("triton_kernels::flash_attention_fwd", mutates_args=())
 def _fwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, sm_scale: float,
-            kv_start: Optional[torch.Tensor], kv_end: Optional[torch.Tensor],
+            window: Optional[int], kv_start: Optional[torch.Tensor],
+            kv_end: Optional[torch.Tensor],
             options: Optional[str]) -> Tuple[torch.Tensor, torch.Tensor]:
     """(output, base-2 log-sum-exp (B, H, Nq) fp32). The arguments are flash_attention's,
     checked, with kv_start and kv_end clamped to int32."""
     options = _resolve_options(options)
     _warn_if_interpreted()
-    p = _Problem(q, k, causal, sm_scale, kv_start, kv_end)
+    p = _Problem(q, k, causal, sm_scale, window, kv_start, kv_end)
     return _forward(q, k, v, p, options)
 
 
 @_fwd_op.register_fake
-def _fwd_fake(q, k, v, causal, sm_scale, kv_start, kv_end, options):
+def _fwd_fake(q, k, v, causal, sm_scale, window, kv_start, kv_end, options):
     return q.new_empty(q.shape), q.new_empty(q.shape[:3], dtype=torch.float32)
 
 
 @torch.library.custom_op("triton_kernels::flash_attention_bwd", mutates_args=())
 def _bwd_op(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
             o: torch.Tensor, lse: torch.Tensor, causal: bool, sm_scale: float,
-            kv_start: Optional[torch.Tensor], kv_end: Optional[torch.Tensor],
+            window: Optional[int], kv_start: Optional[torch.Tensor],
+            kv_end: Optional[torch.Tensor],
             options: Optional[str]) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(dq, dk, dv) from the upstream gradient do and the forward's inputs and outputs."""
-    p = _Problem(q, k, causal, sm_scale, kv_start, kv_end)
+    p = _Problem(q, k, causal, sm_scale, window, kv_start, kv_end)
     return _backward(do, q, k, v, o, lse, p, _resolve_options(options))
 
 
@@ -676,16 +693,16 @@ def _bwd_fake(do, q, k, v, *_):
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, causal, sm_scale, kv_start, kv_end, options = inputs
+    q, k, v, causal, sm_scale, window, kv_start, kv_end, options = inputs
     ctx.save_for_backward(q, k, v, *output, kv_start, kv_end)
-    ctx.causal, ctx.sm_scale, ctx.options = causal, sm_scale, options
+    ctx.causal, ctx.sm_scale, ctx.window, ctx.options = causal, sm_scale, window, options
 
 
 def _fwd_backward(ctx, do, _dlse):  # lse is an internal output: its gradient is ignored
     q, k, v, o, lse, kv_start, kv_end = ctx.saved_tensors
-    dq, dk, dv = _bwd_op(do, q, k, v, o, lse, ctx.causal, ctx.sm_scale, kv_start, kv_end,
-                         ctx.options)
-    return dq, dk, dv, None, None, None, None, None
+    dq, dk, dv = _bwd_op(do, q, k, v, o, lse, ctx.causal, ctx.sm_scale, ctx.window, kv_start,
+                         kv_end, ctx.options)
+    return dq, dk, dv, None, None, None, None, None, None
 
 
 # Rather than an autograd.Function around the operators, which costs less Python time per eager
@@ -723,10 +740,17 @@ def _check_tensors(q, k, v, dims, layout):
                          f"of the number of kv heads ({Hkv})")
 
 
-def _check_scalars(causal, sm_scale):
+def _check_scalars(causal, sm_scale, window):
     if sm_scale is not None and not (isinstance(sm_scale, numbers.Real) and
                                      0 < sm_scale < math.inf):
         raise ValueError(f"flash_attention: sm_scale must be a positive number, got {sm_scale!r}")
+    if window is not None:
+        if isinstance(window, bool) or not isinstance(window, numbers.Integral) or window < 1:
+            raise ValueError(f"flash_attention: window must be a positive integer or None, "
+                             f"got {window!r}")
+        if not causal:
+            raise ValueError("flash_attention: window needs causal=True (a query sees the "
+                             "`window` keys ending at its own position)")
 
 
 def _check_index(name, t, length, device):
@@ -761,16 +785,17 @@ def _option_text(options):
     return options if options is None or isinstance(options, str) else str(options)
 
 
-def flash_attention(q, k, v, causal=True, sm_scale=None, kv_start=None, kv_end=None, *,
-                    options=None):
+def flash_attention(q, k, v, causal=True, sm_scale=None, kv_start=None, kv_end=None, window=None,
+                    *, options=None):
     """Scaled dot-product attention softmax(q k^T * sm_scale) v, differentiable in q, k, v.
 
     Args:
         q: (B, H, Nq, D) queries; fp16, bf16 or fp32; D in {16, 32, 64, 128}.
         k, v: (B, Hkv, Nk, D) keys and values, same dtype and device; H must be a multiple of
             Hkv (GQA; Hkv = 1 is MQA). May be strided views such as a slice of a KV cache.
-        causal: bottom-right aligned causal mask: query i sees keys j <= i + (kv_end - Nq).
-            Requires Nq <= Nk (not Nq <= kv_end: query rows i < Nq - kv_end[b] see no key).
+        causal: bottom-right aligned causal mask: query i sits at key position
+            p_i = i + (kv_end - Nq) and sees keys j <= p_i. Requires Nq <= Nk (not
+            Nq <= kv_end: query rows i < Nq - kv_end[b] see no key).
         sm_scale: score scale, a positive number; default 1 / sqrt(D).
         kv_start: optional integer tensor (B,): keys j < kv_start[b] are masked for batch row b
             (left padding).
@@ -778,6 +803,10 @@ def flash_attention(q, k, v, causal=True, sm_scale=None, kv_start=None, kv_end=N
             if Nk were kv_end[b] (a fixed-length KV cache filled up to kv_end[b]); default Nk.
             Keys at or beyond it are never read, and get dK = dV = 0.
             Both are clamped to [0, Nk]. Queries that see no key at all output exactly 0.
+        window: sliding-window attention (needs causal): query i also needs p_i - j < window,
+            i.e. it sees the `window` keys ending at its own position (Mistral's
+            sliding_window); key blocks left of every query's window are not read. None: no
+            window.
         options: kernel variants and pinned tiles, an ``Options`` or its string form (see the
             module docstring); default from FLASH_ATTENTION_OPTIONS, else none.
 
@@ -795,7 +824,7 @@ def flash_attention(q, k, v, causal=True, sm_scale=None, kv_start=None, kv_end=N
     if causal and Nq > Nk:
         raise ValueError(f"flash_attention: causal attention needs Nq <= Nk (the mask is "
                          f"bottom-right aligned), got Nq={Nq} > Nk={Nk}")
-    _check_scalars(causal, sm_scale)
+    _check_scalars(causal, sm_scale, window)
     for name, t in (("kv_start", kv_start), ("kv_end", kv_end)):
         if t is not None:
             _check_index(name, t, B, q.device)
@@ -805,5 +834,7 @@ def flash_attention(q, k, v, causal=True, sm_scale=None, kv_start=None, kv_end=N
     if kv_end is not None:
         kv_end = kv_end.clamp(0, Nk).to(torch.int32)
     sm_scale = 1.0 / math.sqrt(D) if sm_scale is None else float(sm_scale)
-    return _fwd_op(q, k, v, bool(causal), sm_scale, kv_start, kv_end, _option_text(options))[0]
+    window = None if window is None else int(window)
+    return _fwd_op(q, k, v, bool(causal), sm_scale, window, kv_start, kv_end,
+                   _option_text(options))[0]
 

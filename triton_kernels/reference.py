@@ -4,9 +4,10 @@ bench/gpu/check_kernel.py on the GPU."""
 import torch
 
 
-def visibility(B, Nq, Nk, causal, kv_start=None, kv_end=None, device=None):
-    """(B, Nq, Nk) bool: query i of batch row b sees key j iff kv_start[b] <= j < kv_end[b] and,
-    if causal, j <= i + kv_end[b] - Nq (kv_start and kv_end clamped to [0, Nk])."""
+def visibility(B, Nq, Nk, causal, kv_start=None, kv_end=None, device=None, window=None):
+    """(B, Nq, Nk) bool: query i of batch row b sits at key position p = i + kv_end[b] - Nq and
+    sees key j iff kv_start[b] <= j < kv_end[b] and, if causal, j <= p and p - j < window
+    (kv_start and kv_end clamped to [0, Nk]; window None: no limit)."""
     i = torch.arange(Nq, device=device)[None, :, None]
     j = torch.arange(Nk, device=device)[None, None, :]
     start = torch.zeros(B, device=device) if kv_start is None else kv_start.clamp(0, Nk)
@@ -14,18 +15,21 @@ def visibility(B, Nq, Nk, causal, kv_start=None, kv_end=None, device=None):
     start, end = start[:, None, None], end[:, None, None]
     visible = (j >= start) & (j < end)
     if causal:
-        visible = visible & (j <= i + end - Nq)
+        position = i + end - Nq
+        visible = visible & (j <= position)
+        if window is not None:
+            visible = visible & (position - j < window)
     return visible
 
 
-def attention_reference(q, k, v, causal, sm_scale, kv_start=None, kv_end=None):
+def attention_reference(q, k, v, causal, sm_scale, kv_start=None, kv_end=None, window=None):
     """softmax(q k^T * sm_scale + mask) v in float64; rows that see no key give 0 (not NaN)."""
     q, k, v = q.double(), k.double(), v.double()
     group = q.shape[1] // k.shape[1]
     k = k.repeat_interleave(group, dim=1)
     v = v.repeat_interleave(group, dim=1)
     visible = visibility(q.shape[0], q.shape[2], k.shape[2], causal, kv_start, kv_end,
-                         q.device)[:, None]
+                         q.device, window)[:, None]
     scores = (q @ k.transpose(-1, -2) * sm_scale).masked_fill(~visible, float("-inf"))
     row_max = scores.amax(-1, keepdim=True)
     e = torch.exp(scores - torch.where(torch.isinf(row_max), 0.0, row_max))

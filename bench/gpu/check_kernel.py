@@ -7,8 +7,9 @@ Prints one row per (case, dtype, head dim, options): the relative errors ||x - r
 max(||ref||, 1) of the output and of dQ, dK, dV, and whether each is within the bound
 (the tests' bounds: fp16 2e-3, bf16 1e-2); exits 1 if any row fails or raises. The cases:
 causal GQA prefill, non-causal MHA, a prefill of Nq = N/4 queries after a cache of 3N/4 keys
-with left padding, single-token decode with left padding, and decode steps (Nq = 1 and 3) over a
-whole fixed-length cache with per-row kv_end whose unused rows hold NaN/inf.
+with left padding, single-token decode with left padding, decode steps (Nq = 1 and 3) over a
+whole fixed-length cache with per-row kv_end whose unused rows hold NaN/inf, and a sliding
+window of N/8 keys (causal GQA prefill with left padding).
 
 Each --options entry (';'-separated) pins a tile, so nothing is autotuned here. Without CUDA it
 runs at toy sizes in Triton's interpreter (re-executing itself with TRITON_INTERPRET=1), which
@@ -37,21 +38,25 @@ TOLERANCE = {torch.float32: 5e-6, torch.float16: 2e-3, torch.bfloat16: 1e-2}
 
 
 def cases(n):
-    """(name, B, H, Hkv, Nq, Nk, causal, kv_start, kv_end, poison) at sequence length n."""
+    """(name, B, H, Hkv, Nq, Nk, causal, kv_start, kv_end, poison, window) at sequence length
+    n."""
+    w = max(n // 8, 1)
     return [
-        ("prefill causal GQA", 2, 8, 2, n, n, True, None, None, False),
-        ("full non-causal MHA", 1, 4, 4, n, n, False, None, None, False),
-        ("Nq=N/4 after cache, left pad", 2, 8, 2, n // 4, n, True, [0, n // 8 + 3], None, False),
-        ("decode Nq=1, left pad", 4, 8, 1, 1, n, True, [0, 5, n // 2, n - 1], None, False),
+        ("prefill causal GQA", 2, 8, 2, n, n, True, None, None, False, None),
+        ("full non-causal MHA", 1, 4, 4, n, n, False, None, None, False, None),
+        ("Nq=N/4 after cache, left pad", 2, 8, 2, n // 4, n, True, [0, n // 8 + 3], None, False,
+         None),
+        ("decode Nq=1, left pad", 4, 8, 1, 1, n, True, [0, 5, n // 2, n - 1], None, False, None),
         ("static cache Nq=1, kv_end", 4, 8, 2, 1, n, True, [0, 3, 0, 0],
-         [n, n // 2 + 5, 64, 1], True),
+         [n, n // 2 + 5, 64, 1], True, None),
         ("static cache Nq=3, kv_end", 4, 8, 2, 3, n, True, [0, 0, 7, 0],
-         [n, n - 17, 64, 2], True),
+         [n, n - 17, 64, 2], True, None),
+        (f"window {w}, left pad", 2, 8, 2, n, n, True, [0, n // 8 + 3], None, False, w),
     ]
 
 
 def check(case, dtype, head_dim, options, device):
-    _, B, H, Hkv, Nq, Nk, causal, kv_start, kv_end, poison = case
+    _, B, H, Hkv, Nq, Nk, causal, kv_start, kv_end, poison, window = case
     as_index = lambda x: None if x is None else torch.tensor(x, device=device)  # noqa: E731
     kv_start, kv_end = as_index(kv_start), as_index(kv_end)
     q = torch.randn(B, H, Nq, head_dim, device=device, dtype=dtype, requires_grad=True)
@@ -62,9 +67,20 @@ def check(case, dtype, head_dim, options, device):
         (k, v), clean, _ = poison_unused_kv(k, v, kv_start, kv_end)
     k.requires_grad_()
     v.requires_grad_()
+    return errors_and_seconds(
+        (q, k, v), clean, device,
+        lambda q, k, v: flash_attention(q, k, v, causal=causal, kv_start=kv_start, kv_end=kv_end,
+                                        window=window, options=options),
+        lambda q, k, v: attention_reference(q, k, v, causal, head_dim ** -0.5, kv_start, kv_end,
+                                            window))
+
+
+def errors_and_seconds(inputs, clean, device, attention, attention64):
+    """Relative errors of attention's output and gradients against the float64 attention64 (on
+    the clean k, v), and the seconds of the forward + backward."""
+    q, k, v = inputs
     start = time.perf_counter()
-    out = flash_attention(q, k, v, causal=causal, kv_start=kv_start, kv_end=kv_end,
-                          options=options)
+    out = attention(q, k, v)
     do = torch.randn_like(out)
     grads = torch.autograd.grad(out, (q, k, v), do)
     if device.type == "cuda":
@@ -72,7 +88,7 @@ def check(case, dtype, head_dim, options, device):
     seconds = time.perf_counter() - start
 
     q64, k64, v64 = (t.detach().double().requires_grad_() for t in (q, *clean))
-    ref = attention_reference(q64, k64, v64, causal, head_dim ** -0.5, kv_start, kv_end)
+    ref = attention64(q64, k64, v64)
     ref_grads = torch.autograd.grad(ref, (q64, k64, v64), do.double())
     errors = {n: rel_err(x, r) if torch.isfinite(x).all() else float("inf")
               for n, x, r in zip(("out", "dq", "dk", "dv"), (out, *grads), (ref, *ref_grads))}
@@ -87,7 +103,8 @@ def main(argv=None):
     parser.add_argument("--dtypes", default="bf16,fp16")
     parser.add_argument("--options", default="tile=64x64x4x3",
                         help="';'-separated flash Options, each pinning a tile")
-    parser.add_argument("--cases", help="only the cases whose name contains this text")
+    parser.add_argument("--cases", help="only the cases whose name contains one of these "
+                        "','-separated texts")
     parser.add_argument("--json", type=Path, help="write the rows here (rewritten after each)")
     cfg = parser.parse_args(argv)
     try:
@@ -98,9 +115,10 @@ def main(argv=None):
         parser.error(f"bad argument: {e}")
     if cfg.n < 16:
         parser.error("--n must be at least 16")
-    selected = [c for c in cases(cfg.n) if cfg.cases is None or cfg.cases in c[0]]
+    wanted = None if cfg.cases is None else cfg.cases.split(",")
+    selected = [c for c in cases(cfg.n) if wanted is None or any(w in c[0] for w in wanted)]
     if not selected:
-        parser.error(f"no case name contains {cfg.cases!r}")
+        parser.error(f"no case name contains any of {cfg.cases!r}")
     device = torch.device("cuda" if on_cuda else "cpu")
     warnings.filterwarnings("ignore", message="flash_attention is running in the Triton")
     torch.manual_seed(0)

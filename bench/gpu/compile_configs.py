@@ -2,11 +2,11 @@
 list registers, spills and shared memory, so that the tuning lists hold only tiles that fit.
 
     python bench/gpu/compile_configs.py [--kernels fwd,dkdv,dq] [--head_dims 64,128]
-        [--dtypes bf16,fp16,fp32] [--options ""] [--kv_heads 16] [--extra] [--tiles LIST]
-        [--json PATH]
+        [--dtypes bf16,fp16,fp32] [--options ""] [--kv_heads 16] [--window W] [--extra]
+        [--tiles LIST] [--json PATH]
 
 Each kernel is compiled exactly as flash.py launches it for a causal forward + backward at
-B=4, H=16, N=4096 (the launches are captured from flash.py's own launch path on meta tensors;
+B=4, H=16, N=4096, with or without a sliding window (the launches are captured from flash.py's own launch path on meta tensors;
 arguments are specialized as Triton's launcher does: 16-byte aligned pointers, unit strides as
 constants). ptxas (bundled with triton) reports registers and spills; Triton reports the shared
 memory it allocates. A tile is kept iff it spills no register and fits in 227 KB of shared memory
@@ -46,7 +46,7 @@ TYPE_NAMES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp3
 B, H, N = 4, 16, 4096
 
 
-def captured_launches(head_dim, dtype, causal, options, kv_heads=H):
+def captured_launches(head_dim, dtype, causal, options, kv_heads=H, window=None):
     """[(kernel name, jit function, positional args, constexprs)] of one forward + backward."""
     calls = []
 
@@ -62,7 +62,7 @@ def captured_launches(head_dim, dtype, causal, options, kv_heads=H):
 
     q, k, v = meta(B, H, N, head_dim), meta(B, kv_heads, N, head_dim), \
         meta(B, kv_heads, N, head_dim)
-    problem = flash._Problem(q, k, causal, head_dim ** -0.5, None, None)
+    problem = flash._Problem(q, k, causal, head_dim ** -0.5, window, None, None)
     with mock.patch.object(flash, "_launch", capture), \
             mock.patch.object(flash, "_attn_bwd_preprocess", NoLaunch()):
         o, lse = flash._forward(q, k, v, problem, options)
@@ -158,6 +158,7 @@ def main(argv=None):
     parser.add_argument("--dtypes", default="bf16,fp16,fp32")
     parser.add_argument("--options", default="", help="flash Options, e.g. heavy_first")
     parser.add_argument("--kv_heads", type=int, default=H, help=f"of {H} query heads (GQA)")
+    parser.add_argument("--window", type=int, help="a sliding window of this many keys")
     parser.add_argument("--extra", action="store_true", help="also flash.EXTRA_TILES")
     parser.add_argument("--tiles", help="compile these tiles instead, e.g. 32x32x4x2,64x32x4x2")
     parser.add_argument("--json", type=Path, help="write the rows here")
@@ -174,15 +175,15 @@ def main(argv=None):
         parser.error(str(e))
 
     print(f"triton {triton.__version__}, target {TARGET}, causal, B={B} H={H} "
-          f"Hkv={cfg.kv_heads} N={N}, options: {options}")
+          f"Hkv={cfg.kv_heads} N={N}, window {cfg.window}, options: {options}")
     header = f"{'kernel':<6}{'D':>5} {'dtype':<6}{'tile':<14}{'regs':>6}{'spill st/ld':>13}" \
              f"{'smem KB':>9}{'s':>6}  verdict"
     print(header + "\n" + "-" * len(header), flush=True)
     rows, broken = [], []
     for head_dim in head_dims:
         for dtype in dtypes:
-            for name, kernel, args, constexprs in captured_launches(head_dim, dtype, True, options,
-                                                                    cfg.kv_heads):
+            for name, kernel, args, constexprs in captured_launches(
+                    head_dim, dtype, True, options, cfg.kv_heads, cfg.window):
                 if name not in kernels:
                     continue
                 candidates = (flash.CANDIDATES_FP32 if dtype == torch.float32
@@ -209,7 +210,8 @@ def main(argv=None):
         cfg.json.parent.mkdir(parents=True, exist_ok=True)
         tmp = cfg.json.with_name(f".{cfg.json.name}.tmp")
         tmp.write_text(json.dumps(dict(triton=triton.__version__, target=str(TARGET),
-                                       options=str(options), rows=rows), indent=1) + "\n")
+                                       options=str(options), window=cfg.window, rows=rows),
+                                  indent=1) + "\n")
         os.replace(tmp, cfg.json)
     if broken:
         print("candidates that do not fit (remove them from flash.CANDIDATES):\n  "

@@ -95,7 +95,7 @@ step() {
 }
 
 if [ "$DRY" = 1 ]; then  # toy sizes: every command line of the real run, on the CPU
-    CHECK=(--n 32 --head_dims 16 --dtypes bf16 --cases "static cache Nq=3,window")
+    CHECK=(--n 32 --head_dims 16 --dtypes bf16 --cases "static cache Nq=3,window,varlen")
     VARIANT_CHECK=(--n 32 --head_dims 16 --dtypes bf16 --cases "decode Nq=1")
     TESTS=(tests/test_flash_attention.py -k "options_parse or bad_kv_range or tuner")
     SHAPE=(--batch 1 --heads 2 --head_dim 16 --dtype fp32)
@@ -130,7 +130,7 @@ PIN="tile=64x64x8x3" TEST_PIN="tile=32x32x4x2"
 [ "$DRY" = 1 ] && PIN="tile=16x32x4x1" TEST_PIN="tile=16x32x4x1"
 
 step 0 versions 30 "$PY" bench/gpu/versions.py "$R/versions.txt"
-step 1a check_kernel 85 "$PY" bench/gpu/check_kernel.py ${CHECK[@]+"${CHECK[@]}"} \
+step 1a check_kernel 95 "$PY" bench/gpu/check_kernel.py ${CHECK[@]+"${CHECK[@]}"} \
     --options "$PIN" --json "$R/check_kernel.json"
 step 1b check_kernel_variants 30 "$PY" bench/gpu/check_kernel.py "${VARIANT_CHECK[@]}" \
     --options "heavy_first,$PIN" --json "$R/check_kernel_variants.json"

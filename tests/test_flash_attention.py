@@ -1,4 +1,5 @@
-"""Tests for triton_kernels.flash_attention (triton_kernels/flash.py) against a float64 reference.
+"""Tests for triton_kernels.flash_attention and flash_attention_varlen (triton_kernels/flash.py)
+against a float64 reference.
 
 Without CUDA, tests/conftest.py turns on Triton's interpreter, so sizes stay small. Every test
 draws a fresh seed (set FA_TEST_SEED to replay one); it is printed and named in failure messages.
@@ -16,8 +17,9 @@ import triton
 import triton.language as tl
 
 from triton_kernels import flash as fa
-from triton_kernels import flash_attention
+from triton_kernels import flash_attention, flash_attention_varlen
 from triton_kernels.reference import attention_reference as reference
+from triton_kernels.reference import attention_reference_varlen as reference_varlen
 from triton_kernels.reference import poison_unused_kv, rel_err
 from triton_kernels.reference import visibility as reference_visibility
 from triton_kernels.tuning import Tile
@@ -96,6 +98,16 @@ def compare(seed, inputs, attention, attention64, do=None, clean_kv=None, label=
     return out, grads
 
 
+def seqlens(lengths):
+    """cu_seqlens for these sequence lengths: (n + 1,) cumulative offsets from 0."""
+    return torch.tensor([0, *lengths], device=DEVICE).cumsum(0)
+
+
+def make_qkv_varlen(total_q, total_k, H, Hkv, D, dtype):
+    return randn(total_q, H, D, dtype=dtype), randn(total_k, Hkv, D, dtype=dtype), \
+        randn(total_k, Hkv, D, dtype=dtype)
+
+
 def run_and_compare(q, k, v, seed, causal=True, sm_scale=None, kv_start=None, kv_end=None,
                     window=None, do=None, options=None, clean_kv=None, attention=flash_attention):
     """flash_attention (or a compiled version of it) against the reference."""
@@ -114,8 +126,8 @@ CASES = [
     pytest.param(1, 2, 2, 1, 1, 16, False, torch.bfloat16, id="N1-bf16"),
     pytest.param(2, 2, 2, 17, 17, 32, True, torch.float32, id="N17-causal"),
     pytest.param(1, 2, 2, 17, 17, 32, False, torch.bfloat16, id="N17-bf16"),
-    pytest.param(1, 2, 1, 129, 129, 64, True, torch.float32, id="N129-causal-mqa"),
-    pytest.param(1, 4, 2, 129, 129, 16, False, torch.bfloat16, id="N129-bf16-gqa"),
+    pytest.param(1, 2, 1, 97, 97, 64, True, torch.float32, id="N97-causal-mqa"),
+    pytest.param(1, 4, 2, 97, 97, 16, False, torch.bfloat16, id="N97-bf16-gqa"),
     pytest.param(2, 4, 1, 1, 33, 64, True, torch.float32, id="decode-mqa"),
     pytest.param(1, 4, 1, 1, 33, 32, True, torch.bfloat16, id="decode-mqa-bf16"),
     pytest.param(1, 4, 2, 17, 40, 32, True, torch.bfloat16, id="Nq<Nk-causal-gqa-bf16"),
@@ -357,7 +369,8 @@ def test_window_reads_no_block_left_of_every_window(seed):
     unused = (torch.arange(Nk, device=DEVICE) < 64)[None, None, :].expand(B, Hkv, Nk)
     assert not visibility(B, Nq, Nk, True, window=window)[..., :73].any()
     clean_kv = k.masked_fill(unused[..., None], 0), v.masked_fill(unused[..., None], 0)
-    k, v = k.masked_fill(unused[..., None], float("nan")), v.masked_fill(unused[..., None], float("inf"))
+    k = k.masked_fill(unused[..., None], float("nan"))
+    v = v.masked_fill(unused[..., None], float("inf"))
     _, (dq, dk, dv) = run_and_compare(q, k, v, seed, window=window, options=options,
                                       clean_kv=clean_kv)
     assert (dk[unused] == 0).all() and (dv[unused] == 0).all(), f"seed={seed}"
@@ -374,45 +387,120 @@ def test_window_is_transformers_mistral_mask():
         assert torch.equal(visibility(1, N, N, True, window=window)[0].cpu(), theirs)
 
 
-def test_torch_compile_fullgraph(seed):
+VARLEN_CASES = [
+    # query lengths, key lengths (None: the same), H, Hkv, D, causal, window, dtype
+    pytest.param([1, 37, 16, 5], None, 4, 2, 32, True, None, torch.float32, id="causal-gqa"),
+    pytest.param([3, 20, 1], [17, 1, 40], 2, 1, 16, False, None, torch.bfloat16,
+                 id="noncausal-mqa-bf16"),
+    pytest.param([30, 1, 0, 9], [45, 33, 6, 4], 4, 2, 16, True, 7, torch.float32,
+                 id="causal-window-Nq>Nk-empty"),
+]
+
+
+@pytest.mark.parametrize("q_lens, k_lens, H, Hkv, D, causal, window, dtype", VARLEN_CASES)
+def test_varlen_matches_reference(seed, q_lens, k_lens, H, Hkv, D, causal, window, dtype):
+    """Packed sequences attend to themselves only: lengths of 1 (and 0) and not multiples of the
+    tiles, a query per key or not, more queries than keys (causal: the first rows see nothing),
+    GQA. q, k, v are strided views (q every other head of a wider tensor, k and v halves of
+    one). Rows past the last sequence hold NaN/inf and get output and gradients exactly 0."""
+    k_lens = k_lens or q_lens
+    cu_q, cu_k = seqlens(q_lens), seqlens(k_lens)
+    used_q, used_k = sum(q_lens), sum(k_lens)
+    q = randn(used_q + 2, 2 * H, D, dtype=dtype)[:, ::2]
+    kv = randn(used_k + 3, 2, Hkv, D, dtype=dtype)
+    q[used_q:], kv[used_k:, 0], kv[used_k:, 1] = float("nan"), float("nan"), float("inf")
+    k, v = kv[:, 0], kv[:, 1]
+    assert not (q.is_contiguous() or k.is_contiguous() or v.is_contiguous())
+    scale = D ** -0.5
+    out, (dq, dk, dv) = compare(
+        seed, (q, k, v),
+        lambda q, k, v: flash_attention_varlen(q, k, v, cu_q, cu_k, max(q_lens),
+                                               max(k_lens) + 5, causal=causal, window=window),
+        lambda q, k, v: reference_varlen(q, k, v, cu_q, cu_k, causal, scale, window),
+        label=f"varlen window={window}")
+    assert (out[used_q:] == 0).all() and (dq[used_q:] == 0).all(), f"seed={seed}"
+    assert (dk[used_k:] == 0).all() and (dv[used_k:] == 0).all(), f"seed={seed}"
+
+
+def test_varlen_matches_dense_per_sequence(seed):
+    """Each packed sequence gives what the dense kernel gives for it alone: the same blocks in
+    the same order, so bit for bit in the interpreter (and on a GPU within rounding)."""
+    q_lens, k_lens, H, Hkv, D, window = [1, 21, 16], [20, 29, 48], 4, 2, 16, 9
+    cu_q, cu_k = seqlens(q_lens), seqlens(k_lens)
+    q, k, v = (t.requires_grad_() for t in make_qkv_varlen(sum(q_lens), sum(k_lens), H, Hkv, D,
+                                                           torch.float32))
+    out = flash_attention_varlen(q, k, v, cu_q, cu_k, max(q_lens), max(k_lens), window=window)
+    do = torch.randn_like(out)
+    grads = torch.autograd.grad(out, (q, k, v), do)
+    as_dense = lambda t: t.detach().transpose(0, 1)[None].requires_grad_()  # noqa: E731
+    same = torch.equal if fa.INTERPRETED else \
+        lambda a, b: torch.allclose(a, b, rtol=1e-5, atol=1e-6)  # noqa: E731
+    for b in range(len(q_lens)):
+        rows_q, rows_k = slice(cu_q[b], cu_q[b + 1]), slice(cu_k[b], cu_k[b + 1])
+        parts = as_dense(q[rows_q]), as_dense(k[rows_k]), as_dense(v[rows_k])
+        alone = flash_attention(*parts, window=window)
+        alone_grads = torch.autograd.grad(alone, parts, do[rows_q].transpose(0, 1)[None])
+        assert same(out[rows_q], alone[0].transpose(0, 1)), f"out of sequence {b} (seed={seed})"
+        for name, got, want, rows in zip(("dq", "dk", "dv"), grads, alone_grads,
+                                         (rows_q, rows_k, rows_k)):
+            assert same(got[rows], want[0].transpose(0, 1)), f"{name} of sequence {b} (seed={seed})"
+
+
+@pytest.mark.parametrize("layout", ["dense", "varlen"])
+def test_torch_compile_fullgraph(seed, layout):
     """torch.compile(fullgraph=True) sees the kernels as custom operators: one graph, no break.
-    Forward and backward with kv_start and kv_end match the reference, and eager bit for bit
-    (the same kernels run on the same tiles)."""
+    Forward and backward (dense with kv_start and kv_end; varlen with a window) match the
+    reference, and eager bit for bit (the same kernels run on the same tiles)."""
     from torch._dynamo.testing import CompileCounterWithBackend
     from torch._dynamo.utils import counters
 
     torch._dynamo.reset()
     counters.clear()
     backend = CompileCounterWithBackend("aot_eager")
-    compiled = torch.compile(flash_attention, fullgraph=True, backend=backend)
-    B, H, Hkv, Nq, Nk, D = 2, 4, 2, 3, 40, 16
-    kv_start = torch.tensor([0, 5], device=DEVICE)
-    kv_end = torch.tensor([Nk, 23], device=DEVICE)
-    q, k, v = make_qkv(B, H, Hkv, Nq, Nk, D, torch.float32)
-    do = torch.randn(B, H, Nq, D, device=DEVICE)
-    out, grads = run_and_compare(q, k, v, seed, kv_start=kv_start, kv_end=kv_end, do=do,
-                                 attention=compiled)
+    if layout == "dense":
+        B, H, Hkv, Nq, Nk, D = 2, 4, 2, 3, 40, 16
+        kwargs = dict(kv_start=torch.tensor([0, 5], device=DEVICE),
+                      kv_end=torch.tensor([Nk, 23], device=DEVICE))
+        q, k, v = make_qkv(B, H, Hkv, Nq, Nk, D, torch.float32)
+        attention = flash_attention
+        attention64 = lambda q, k, v: reference(q, k, v, True, D ** -0.5, **kwargs)  # noqa: E731
+    else:
+        kwargs = dict(cu_seqlens_q=seqlens([5, 1, 12]), cu_seqlens_k=seqlens([5, 9, 12]),
+                      max_seqlen_q=12, max_seqlen_k=12, window=4)
+        q, k, v = make_qkv_varlen(18, 26, 4, 2, 16, torch.float32)
+        attention = flash_attention_varlen
+        attention64 = lambda q, k, v: reference_varlen(  # noqa: E731
+            q, k, v, kwargs["cu_seqlens_q"], kwargs["cu_seqlens_k"], True, 0.25, window=4)
+    compiled = torch.compile(attention, fullgraph=True, backend=backend)
+    do = torch.randn_like(q)
+    out, grads = compare(seed, (q, k, v), lambda q, k, v: compiled(q, k, v, **kwargs),
+                         attention64, do, label=f"compiled {layout}")
     assert backend.frame_count == 1 and not counters["graph_break"], dict(counters["graph_break"])
     assert "triton_kernels.flash_attention_fwd" in str(backend.graphs[0].graph)
 
-    eager = flash_attention(q, k, v, kv_start=kv_start, kv_end=kv_end)
+    eager = attention(q, k, v, **kwargs)
     eager_grads = torch.autograd.grad(eager, (q, k, v), do)
     assert torch.equal(out, eager) and all(map(torch.equal, grads, eager_grads))
 
 
 def test_custom_ops_opcheck(seed):
     """torch.library.opcheck: schema (no mutation, no aliasing), fake tensors (shapes, strides,
-    dtypes), autograd registration and AOT dispatch of both operators."""
+    dtypes), autograd registration and AOT dispatch of both operators, in both layouts."""
     q, k, v = make_qkv(1, 2, 1, 3, 20, 16, torch.bfloat16)
-    q, k, v = (t.requires_grad_() for t in (q, k, v))
     kv_start = torch.tensor([2], dtype=torch.int32, device=DEVICE)
     kv_end = torch.tensor([15], dtype=torch.int32, device=DEVICE)
-    torch.library.opcheck(fa._fwd_op, (q, k, v, True, 0.25, None, kv_start, kv_end, None))
-    o, lse = (t.detach() for t in fa._fwd_op(q, k, v, True, 0.25, None, kv_start, kv_end, None))
-    do = torch.randn_like(o)
-    options = "heavy_first" + ("," + GPU_TILE if DEVICE == "cuda" else "")  # options as text
-    torch.library.opcheck(fa._bwd_op, (do, *(t.detach() for t in (q, k, v)), o, lse, True, 0.25,
-                                       None, kv_start, kv_end, options))
+    dense = (True, 0.25, None, kv_start, kv_end, None, None, 3, 20)
+    cu_q, cu_k = seqlens([1, 4]).int(), seqlens([6, 4]).int()
+    varlen = (True, 0.25, 3, None, None, cu_q, cu_k, 4, 6)
+    options = GPU_TILE if DEVICE == "cuda" else "default"  # options as text
+    for (q, k, v), args in (((q, k, v), dense), (make_qkv_varlen(5, 10, 2, 1, 16, torch.float32),
+                                                 varlen)):
+        q, k, v = (t.requires_grad_() for t in (q, k, v))
+        torch.library.opcheck(fa._fwd_op, (q, k, v, *args, None))
+        o, lse = (t.detach() for t in fa._fwd_op(q, k, v, *args, None))
+        do = torch.randn_like(o)
+        torch.library.opcheck(fa._bwd_op, (do, *(t.detach() for t in (q, k, v)), o, lse, *args,
+                                           options))
 
 
 def test_no_measuring_during_cuda_graph_capture(tmp_path, monkeypatch):
@@ -510,6 +598,30 @@ def test_bad_kv_range(name, value, message):
 def test_bad_window(window, causal, message):
     with pytest.raises(ValueError, match=message):
         flash_attention(*_inputs(), causal=causal, window=window)
+
+
+def _varlen_inputs(total_q=6, total_k=6, q_heads=2, kv_heads=2, D=16):
+    q, k, v = (torch.randn(shape) for shape in ((total_q, q_heads, D), (total_k, kv_heads, D),
+                                                (total_k, kv_heads, D)))
+    return q, k, v, torch.tensor([0, 2, 6]), torch.tensor([0, 2, 6]), 4, 4
+
+
+@pytest.mark.parametrize("change, message", [
+    (dict(q=torch.randn(1, 6, 2, 16)), "q must be a 3-D tensor \\(total, heads, D\\)"),
+    (dict(k=torch.randn(6, 2, 32), v=torch.randn(6, 2, 32)), "must agree on head dim"),
+    (dict(q=torch.randn(6, 3, 16)), "must be a multiple of the number of kv heads"),
+    (dict(cu_seqlens_q=torch.tensor([0.0, 2.0, 6.0])), "cu_seqlens_q must be an integer tensor"),
+    (dict(cu_seqlens_q=torch.tensor([6])), "cu_seqlens_q must be a 1-D tensor of n \\+ 1 >= 2"),
+    (dict(cu_seqlens_k=torch.tensor([0, 6])), "cu_seqlens_k must be an integer tensor of shape"),
+    (dict(max_seqlen_q=0), "max_seqlen_q must be a positive integer, got 0"),
+    (dict(max_seqlen_k=torch.tensor(4)), "max_seqlen_k must be a positive integer"),
+    (dict(causal=False, window=3), "window needs causal=True"),
+])
+def test_bad_varlen_inputs(change, message):
+    names = ("q", "k", "v", "cu_seqlens_q", "cu_seqlens_k", "max_seqlen_q", "max_seqlen_k")
+    kwargs = dict(zip(names, _varlen_inputs()), **change)
+    with pytest.raises(ValueError, match=message):
+        flash_attention_varlen(**kwargs)
 
 
 @pytest.mark.parametrize("sm_scale", [0.0, -1.0, float("nan"), float("inf"), "0.1"])

@@ -1,30 +1,33 @@
-"""FlashAttention forward and backward in Triton, with GQA/MQA, bottom-right causal masking,
-sliding windows, left padding (``kv_start``) and a per-row key count (``kv_end``, for a static
-KV cache).
+"""FlashAttention forward and backward in Triton: GQA/MQA, bottom-right causal masking, sliding
+windows, left padding (``kv_start``), a per-row key count (``kv_end``, for a static KV cache) and
+variable-length packed sequences (``flash_attention_varlen``).
 
-Shapes: q is (B, H, Nq, D); k and v are (B, Hkv, Nk, D) with Hkv dividing H. Query head h reads
-kv head h // (H // Hkv) directly, so K/V are never repeated in memory. Inputs may be strided views
-(a slice of a KV cache, a transposed q): every kernel takes (batch, head, row, column) strides.
+Layouts. Dense: q (B, H, Nq, D), k and v (B, Hkv, Nk, D). Varlen: q (total_q, H, D), k and v
+(total_k, Hkv, D), sequence b being rows [cu_seqlens_q[b], cu_seqlens_q[b + 1]) of q and rows
+[cu_seqlens_k[b], cu_seqlens_k[b + 1]) of k and v. Hkv divides H, and query head h reads kv head
+h // (H // Hkv) in place: K/V are never repeated. Inputs may be strided views; the kernels take
+(batch, head, row, column) strides, with batch stride 0 for varlen, where a program finds its
+sequence's rows through cu_seqlens instead (``_sequence``: the only thing VARLEN changes).
 
-Forward (``_attn_fwd``): one program per (query block, batch * head) streams key/value blocks
-through an online softmax (running max, running sum, rescaled fp32 accumulator) and saves only the
-output and the per-row log-sum-exp. Backward recomputes P from Q, K and that log-sum-exp:
+Kernels. ``_attn_fwd``: one program per (query block, batch * head) streams key/value blocks
+through an online softmax (running max, running sum, rescaled fp32 accumulator) and saves only
+the output and the per-row log-sum-exp. The backward recomputes P from Q, K and that log-sum-exp:
 ``_attn_bwd_preprocess`` computes delta = rowsum(dO * O), ``_attn_bwd_dkdv`` owns one key block
-of one kv head and loops over every query head of its group (so dK/dV need no atomics), and
-``_attn_bwd_dq`` owns one query block of one head. Every output element is written by exactly one
-program, which is also why tile tuning can rerun the kernels without resetting anything.
+of one kv head and loops over every query head of its group (dK/dV need no atomics), and
+``_attn_bwd_dq`` owns one query block of one head. Every output element is written by exactly
+one program, which is also why tile tuning can rerun the kernels without resetting anything.
 
-Masking: query i of batch row b sits at key position p_i = i + kv_end[b] - Nq (bottom-right
-alignment to the last *existing* key, so prefill, decode and a decode step over a fixed-length
-cache share the kernel) and sees key j iff kv_start[b] <= j < kv_end[b] and, when causal,
-p_i - window < j <= p_i (window None: no lower bound). Defaults: kv_start = 0, kv_end = Nk. Each
-program splits its loop over key (or query) blocks into stages: masked, unmasked, masked
-(``_blocks``); blocks that nobody sees are skipped, so a decode step over a long cache reads only
-the filled part, and a window only its own blocks. K/V rows outside [kv_start, kv_end) are never
-used, not even multiplied by zero: an uninitialized cache tail (NaN, inf) cannot leak into any
-result. Rows that see no key output exactly 0 and get log-sum-exp = +inf, so the backward
-recomputes P = exp(S - lse) = 0 for them and they add nothing to any gradient; dK/dV of keys
-nobody sees are exact zeros.
+Masking. Within a sequence, query i sits at key position p_i = i + kv_end - Nq (bottom-right
+alignment to the last existing key) and sees key j iff kv_start <= j < kv_end and, when causal,
+p_i - window < j <= p_i (window = None: no lower bound). Defaults: kv_start = 0, kv_end = Nk;
+varlen sequences have neither (all their keys exist). Each program splits its loop over key (or
+query) blocks into stages: masked, unmasked, masked (``_blocks``): the ragged edges, the causal
+diagonal, the window's left edge and the kv_start/kv_end boundaries are masked, the blocks in
+between fully visible, and blocks nobody sees are skipped: never read. K/V rows outside
+[kv_start, kv_end) (or outside the sequence) are never used, not even multiplied by zero: an
+uninitialized cache tail (NaN, inf) cannot leak into any result. Rows that see no key output
+exactly 0 with log-sum-exp = +inf, so the backward recomputes P = exp(S - lse) = 0 for them and
+they add nothing to any gradient; dK/dV of keys nobody sees are exact zeros.
 
 Options (``Options``): ``heavy_first`` launches the most loaded tiles of a causal mask first; it
 has never been measured on a GPU and is off by default. Pinned tiles (block shapes, warps, stages)
@@ -33,12 +36,12 @@ per kernel; otherwise a tile is measured once per problem key and shared through
 "heavy_first,dkdv=64x128x8x2".
 
 torch.compile and CUDA graphs: the forward and backward are the custom operators
-triton_kernels::flash_attention_fwd and triton_kernels::flash_attention_bwd, opaque to dynamo, so
-a compiled model has no graph break at attention and fullgraph=True works. A tile is measured at
-the first call of each problem key, and measuring synchronizes the device, which a CUDA graph
-capture forbids: capture after a warm-up call of the same shapes (as the compiled decode step and
-torch.compile's mode="reduce-overhead" do), or pin tiles in the options. A capture that would
-have to measure raises a RuntimeError that says so.
+triton_kernels::flash_attention_fwd and triton_kernels::flash_attention_bwd (both layouts),
+opaque to dynamo, so a compiled model has no graph break at attention and fullgraph=True works.
+A tile is measured at the first call of each problem key, and measuring synchronizes the device,
+which a CUDA graph capture forbids: capture after a warm-up call of the same shapes (as the
+compiled decode step and torch.compile's mode="reduce-overhead" do), or pin tiles in the
+options. A capture that would have to measure raises a RuntimeError that says so.
 
 Interpreter (TRITON_INTERPRET=1, CPU): triton 3.9's interpreter computes bf16 tl.dot and bf16
 arithmetic wrongly (triton issue 11584) and truncates fp32 -> bf16 casts. Under the interpreter
@@ -74,7 +77,7 @@ LOG2E = tl.constexpr(1.4426950408889634)  # the kernels use exp2: scores are sca
 
 # ----------------------------------------------------------------------------------------------
 # Helpers shared by the kernels. A view is (pointer, head stride, row stride, column stride):
-# one head's (rows, HEAD_DIM) matrix of one batch row, from its first row on.
+# one head's (rows, HEAD_DIM) matrix of one batch row (or sequence), from its first row on.
 # ----------------------------------------------------------------------------------------------
 
 
@@ -139,15 +142,27 @@ def _program_ids(HEAVY_FIRST: tl.constexpr, LAST_TILE_HEAVIEST: tl.constexpr):
 
 
 @triton.jit
-def _kv_range(b, Nk, KV_START, KV_END):
-    """The keys [kv_lo, kv_hi) that the queries of batch row b may see."""
+def _sequence(b, Nq, Nk, CU_SEQLENS_Q, CU_SEQLENS_K, KV_START, KV_END, VARLEN: tl.constexpr):
+    """Where the queries and keys of batch row (or sequence) b are: (q_first, Nq, k_first, Nk,
+    kv_lo, kv_hi). Its queries are rows [q_first, q_first + Nq) of Q, its keys rows
+    [k_first, k_first + Nk) of K and V, and its queries may see keys [kv_lo, kv_hi), counted
+    from k_first."""
+    q_first = 0
+    k_first = 0
+    if VARLEN:  # packed sequences: the rows come from the cumulative lengths
+        q_begin = tl.load(CU_SEQLENS_Q + b)
+        Nq = tl.load(CU_SEQLENS_Q + b + 1) - q_begin
+        k_begin = tl.load(CU_SEQLENS_K + b)
+        Nk = tl.load(CU_SEQLENS_K + b + 1) - k_begin
+        q_first = q_begin.to(tl.int64)
+        k_first = k_begin.to(tl.int64)
     kv_lo = 0
     kv_hi = Nk
     if KV_START is not None:
         kv_lo = tl.load(KV_START + b)
     if KV_END is not None:
         kv_hi = tl.load(KV_END + b)
-    return kv_lo, kv_hi
+    return q_first, Nq, k_first, Nk, kv_lo, kv_hi
 
 
 @triton.jit
@@ -358,25 +373,29 @@ def _attn_fwd_inner(acc, l_i, m_i, q, k_view, v_view, offs_m, seen, qk_scale, bl
 
 
 @triton.jit
-def _attn_fwd(Q, K, V, O, LSE, KV_START, KV_END,
+def _attn_fwd(Q, K, V, O, LSE, CU_SEQLENS_Q, CU_SEQLENS_K, KV_START, KV_END,
               q_strides, k_strides, v_strides, o_strides, lse_strides,
               sm_scale, window, H, GROUP, Nq, Nk,
-              HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr, HEAVY_FIRST: tl.constexpr,
-              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    """Grid (cdiv(Nq, BLOCK_M), B * H), swapped with HEAVY_FIRST. Writes O and LSE, the base-2
-    log-sum-exp of the scaled scores (+inf for rows that see no key)."""
+              HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr, VARLEN: tl.constexpr,
+              HEAVY_FIRST: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Grid (cdiv(Nq, BLOCK_M), B * H), swapped with HEAVY_FIRST (varlen: Nq the longest
+    sequence's, B the number of sequences). Writes O and LSE, the base-2 log-sum-exp of the
+    scaled scores (+inf for rows that see no key)."""
     tile, pid = _program_ids(HEAVY_FIRST, CAUSAL)
     b = (pid // H).to(tl.int64)
     h = (pid % H).to(tl.int64)
-    kv_lo, kv_hi = _kv_range(b, Nk, KV_START, KV_END)
+    q_first, Nq, k_first, Nk, kv_lo, kv_hi = _sequence(b, Nq, Nk, CU_SEQLENS_Q, CU_SEQLENS_K,
+                                                       KV_START, KV_END, VARLEN)
     start_m = tile * BLOCK_M
+    if start_m >= Nq:  # varlen: a shorter sequence than the longest
+        return
     offs_m = start_m + tl.arange(0, BLOCK_M)
     row_ok = offs_m < Nq
     seen = (kv_lo, kv_hi, kv_hi - Nq, window)
 
-    q = _load_rows(_view(Q, q_strides, b, h, 0), offs_m, row_ok, HEAD_DIM, True)
-    k_view = _view(K, k_strides, b, h // GROUP, 0)
-    v_view = _view(V, v_strides, b, h // GROUP, 0)
+    q = _load_rows(_view(Q, q_strides, b, h, q_first), offs_m, row_ok, HEAD_DIM, True)
+    k_view = _view(K, k_strides, b, h // GROUP, k_first)
+    v_view = _view(V, v_strides, b, h // GROUP, k_first)
     m_i = tl.full([BLOCK_M], -float("inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
@@ -390,8 +409,8 @@ def _attn_fwd(Q, K, V, O, LSE, KV_START, KV_END,
     empty = l_i == 0.0
     l_safe = tl.where(empty, 1.0, l_i)
     lse = tl.where(empty, float("inf"), m_i + tl.math.log2(l_safe))
-    tl.store(LSE + b * lse_strides[0] + h * lse_strides[1] + offs_m, lse, mask=row_ok)
-    _store_rows(_view(O, o_strides, b, h, 0), offs_m, row_ok, acc / l_safe[:, None],
+    tl.store(LSE + b * lse_strides[0] + h * lse_strides[1] + q_first + offs_m, lse, mask=row_ok)
+    _store_rows(_view(O, o_strides, b, h, q_first), offs_m, row_ok, acc / l_safe[:, None],
                 HEAD_DIM)
 
 
@@ -445,19 +464,22 @@ def _attn_bwd_dkdv_inner(dk, dv, k, v, offs_n, q_view, do_view, lse, delta, GROU
 
 
 @triton.jit
-def _attn_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV, KV_START, KV_END,
+def _attn_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV, CU_SEQLENS_Q, CU_SEQLENS_K, KV_START, KV_END,
                    q_strides, k_strides, v_strides, do_strides, lse_strides, dk_strides,
                    sm_scale, window, H, GROUP, Nq, Nk,
-                   HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr, HEAVY_FIRST: tl.constexpr,
-                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+                   HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr, VARLEN: tl.constexpr,
+                   HEAVY_FIRST: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """Grid (cdiv(Nk, BLOCK_N), B * Hkv), swapped with HEAVY_FIRST. Each program owns one key
     block of one kv head and sums over the GROUP query heads that share it, so DK and DV (same
     strides) are written once, without atomics; rows nobody sees get 0."""
     tile, pid = _program_ids(HEAVY_FIRST, False)  # causal: the first key blocks are heaviest
     b = (pid // (H // GROUP)).to(tl.int64)
     hk = (pid % (H // GROUP)).to(tl.int64)
-    kv_lo, kv_hi = _kv_range(b, Nk, KV_START, KV_END)
+    q_first, Nq, k_first, Nk, kv_lo, kv_hi = _sequence(b, Nq, Nk, CU_SEQLENS_Q, CU_SEQLENS_K,
+                                                       KV_START, KV_END, VARLEN)
     start_n = tile * BLOCK_N
+    if start_n >= Nk:  # varlen: a shorter sequence than the longest
+        return
     offs_n = start_n + tl.arange(0, BLOCK_N)
     seen = (kv_lo, kv_hi, kv_hi - Nq, window)
     blocks = _query_blocks(start_n, seen, Nq, BLOCK_M, BLOCK_N, CAUSAL)
@@ -465,14 +487,14 @@ def _attn_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV, KV_START, KV_END,
     # The keys to read: none if nobody sees the block.
     read_hi = tl.where(blocks[0] < blocks[3], kv_hi, kv_lo)
     key_ok = (offs_n >= kv_lo) & (offs_n < read_hi)
-    k = _load_rows(_view(K, k_strides, b, hk, 0), offs_n, key_ok, HEAD_DIM, True)
-    v = _load_rows(_view(V, v_strides, b, hk, 0), offs_n, key_ok, HEAD_DIM, True)
+    k = _load_rows(_view(K, k_strides, b, hk, k_first), offs_n, key_ok, HEAD_DIM, True)
+    v = _load_rows(_view(V, v_strides, b, hk, k_first), offs_n, key_ok, HEAD_DIM, True)
     dk = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
     h0 = hk * GROUP  # the group's first query head
-    q_view = _view(Q, q_strides, b, h0, 0)
-    do_view = _view(DO, do_strides, b, h0, 0)
-    first_stat = b * lse_strides[0] + h0 * lse_strides[1]  # LSE and DELTA alike
+    q_view = _view(Q, q_strides, b, h0, q_first)
+    do_view = _view(DO, do_strides, b, h0, q_first)
+    first_stat = b * lse_strides[0] + h0 * lse_strides[1] + q_first  # LSE and DELTA alike
     lse = (LSE + first_stat, lse_strides[1])
     delta = (DELTA + first_stat, lse_strides[1])
     for stage in tl.static_range(3):  # masked, unmasked, masked
@@ -481,9 +503,11 @@ def _attn_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV, KV_START, KV_END,
                                       blocks[stage + 1], HEAD_DIM, BLOCK_M, CAUSAL,
                                       MASKED=stage != 1)
 
-    in_bounds = offs_n < Nk  # every key row, seen or not: DK/DV come from torch.empty
-    _store_rows(_view(DK, dk_strides, b, hk, 0), offs_n, in_bounds, dk * sm_scale, HEAD_DIM)
-    _store_rows(_view(DV, dk_strides, b, hk, 0), offs_n, in_bounds, dv, HEAD_DIM)
+    # Every key row of the sequence, seen or not (dense DK/DV come from torch.empty; varlen rows
+    # outside every sequence keep the zeros they were allocated with).
+    in_bounds = offs_n < Nk
+    _store_rows(_view(DK, dk_strides, b, hk, k_first), offs_n, in_bounds, dk * sm_scale, HEAD_DIM)
+    _store_rows(_view(DV, dk_strides, b, hk, k_first), offs_n, in_bounds, dv, HEAD_DIM)
 
 
 @triton.jit
@@ -508,36 +532,39 @@ def _attn_bwd_dq_inner(dq, q, do, lse, delta, k_view, v_view, offs_m, seen, qk_s
 
 
 @triton.jit
-def _attn_bwd_dq(Q, K, V, DO, LSE, DELTA, DQ, KV_START, KV_END,
+def _attn_bwd_dq(Q, K, V, DO, LSE, DELTA, DQ, CU_SEQLENS_Q, CU_SEQLENS_K, KV_START, KV_END,
                  q_strides, k_strides, v_strides, do_strides, lse_strides, dq_strides,
                  sm_scale, window, H, GROUP, Nq, Nk,
-                 HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr, HEAVY_FIRST: tl.constexpr,
-                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+                 HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr, VARLEN: tl.constexpr,
+                 HEAVY_FIRST: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """Grid (cdiv(Nq, BLOCK_M), B * H), swapped with HEAVY_FIRST. Each program owns one query
     block of one head and writes its rows of DQ once: no races, no atomics."""
     tile, pid = _program_ids(HEAVY_FIRST, CAUSAL)
     b = (pid // H).to(tl.int64)
     h = (pid % H).to(tl.int64)
-    kv_lo, kv_hi = _kv_range(b, Nk, KV_START, KV_END)
+    q_first, Nq, k_first, Nk, kv_lo, kv_hi = _sequence(b, Nq, Nk, CU_SEQLENS_Q, CU_SEQLENS_K,
+                                                       KV_START, KV_END, VARLEN)
     start_m = tile * BLOCK_M
+    if start_m >= Nq:  # varlen: a shorter sequence than the longest
+        return
     offs_m = start_m + tl.arange(0, BLOCK_M)
     row_ok = offs_m < Nq
     seen = (kv_lo, kv_hi, kv_hi - Nq, window)
 
-    q = _load_rows(_view(Q, q_strides, b, h, 0), offs_m, row_ok, HEAD_DIM, True)
-    do = _load_rows(_view(DO, do_strides, b, h, 0), offs_m, row_ok, HEAD_DIM, True)
-    stats = b * lse_strides[0] + h * lse_strides[1] + offs_m  # LSE and DELTA alike
+    q = _load_rows(_view(Q, q_strides, b, h, q_first), offs_m, row_ok, HEAD_DIM, True)
+    do = _load_rows(_view(DO, do_strides, b, h, q_first), offs_m, row_ok, HEAD_DIM, True)
+    stats = b * lse_strides[0] + h * lse_strides[1] + q_first + offs_m  # LSE and DELTA alike
     lse = tl.load(LSE + stats, mask=row_ok, other=float("inf"))
     delta = tl.load(DELTA + stats, mask=row_ok, other=0.0)
-    k_view = _view(K, k_strides, b, h // GROUP, 0)
-    v_view = _view(V, v_strides, b, h // GROUP, 0)
+    k_view = _view(K, k_strides, b, h // GROUP, k_first)
+    v_view = _view(V, v_strides, b, h // GROUP, k_first)
     dq = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
     blocks = _key_blocks(start_m, tl.minimum(start_m + BLOCK_M, Nq) - 1, seen, BLOCK_N, CAUSAL)
     for stage in tl.static_range(3):  # masked, unmasked, masked
         dq = _attn_bwd_dq_inner(dq, q, do, lse, delta, k_view, v_view, offs_m, seen,
                                 sm_scale * LOG2E, blocks[stage], blocks[stage + 1], HEAD_DIM,
                                 BLOCK_N, CAUSAL, MASKED=stage != 1)
-    _store_rows(_view(DQ, dq_strides, b, h, 0), offs_m, row_ok, dq * sm_scale, HEAD_DIM)
+    _store_rows(_view(DQ, dq_strides, b, h, q_first), offs_m, row_ok, dq * sm_scale, HEAD_DIM)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -580,31 +607,39 @@ def _launch(name, kernel, n_tiles, heads, args, constexprs, options, tune_key, d
 
 
 class _Problem:
-    """One call's sizes and kernel arguments: q (B, H, Nq, D), k and v (B, Hkv, Nk, D)."""
+    """One call's sizes and kernel arguments, for either layout: dense q (B, H, Nq, D) and k, v
+    (B, Hkv, Nk, D), or varlen q (total_q, H, D) and k, v (total_k, Hkv, D) with B sequences
+    found through cu_seqlens (then Nq and Nk are the longest lengths: the grid's size)."""
 
-    def __init__(self, q, k, causal, sm_scale, window, kv_start, kv_end):
-        self.B, self.H, self.Nq, self.D = q.shape
-        self.Hkv, self.Nk = k.shape[1:3]
-        self.causal, self.sm_scale = causal, sm_scale
-        # A window longer than the keys would change nothing (but might overflow int32).
-        self.window = None if window is None else min(window, self.Nk)
-        self.sequences = (kv_start, kv_end)
-        self.constexprs = dict(HEAD_DIM=self.D, CAUSAL=causal)
+    def __init__(self, q, k, causal, sm_scale, window, kv_start, kv_end, cu_seqlens_q,
+                 cu_seqlens_k, max_seqlen_q, max_seqlen_k):
+        self.varlen = cu_seqlens_q is not None
+        if self.varlen:
+            self.B, self.H, self.Hkv = len(cu_seqlens_q) - 1, q.shape[1], k.shape[1]
+            self.Nq, self.Nk, self.key_rows = max_seqlen_q, max_seqlen_k, k.shape[0]
+        else:
+            self.B, self.H, self.Nq = q.shape[:3]
+            self.Hkv, self.Nk = k.shape[1:3]
+            self.key_rows = self.Nk
+        self.D, self.causal, self.sm_scale = q.shape[-1], causal, sm_scale
+        # A window longer than every sequence would change nothing (but might overflow int32).
+        self.window = None if window is None else min(window, self.key_rows)
+        self.sequences = (cu_seqlens_q, cu_seqlens_k, kv_start, kv_end)
+        self.constexprs = dict(HEAD_DIM=self.D, CAUSAL=causal, VARLEN=self.varlen)
         # What a tile choice depends on: not the exact lengths (power-of-two buckets), so that a
         # growing cache does not measure again at every step.
         self.tune_key = (str(q.dtype), self.D, causal, self.H // self.Hkv,
                          triton.next_power_of_2(self.Nq), triton.next_power_of_2(self.Nk),
-                         window is not None)
+                         self.varlen, window is not None)
 
-    @staticmethod
-    def strides(t):
-        """(batch, head, row, column) strides of q, k, v, o or a gradient."""
-        return t.stride()
+    def strides(self, t):
+        """(batch, head, row, column) strides of q, k, v, o or a gradient (varlen: batch 0)."""
+        return (0, t.stride(1), t.stride(0), t.stride(2)) if self.varlen else t.stride()
 
-    @staticmethod
-    def lse_strides(lse):
-        """(batch, head) strides of the (B, H, Nq) log-sum-exp; its rows are contiguous."""
-        return lse.stride()[:2]
+    def lse_strides(self, lse):
+        """(batch, head) strides of the log-sum-exp, (B, H, Nq) or varlen (H, total_q); its rows
+        are contiguous."""
+        return (0, lse.stride(0)) if self.varlen else lse.stride()[:2]
 
     def scalars(self):
         return (self.sm_scale, self.window, self.H, self.H // self.Hkv, self.Nq, self.Nk)
@@ -612,8 +647,10 @@ class _Problem:
 
 def _forward(q, k, v, p, options):
     """(o, lse) for a _Problem p."""
-    o = torch.empty(q.shape, dtype=_store_dtype(q.dtype), device=q.device)
-    lse = torch.empty((p.B, p.H, p.Nq), dtype=torch.float32, device=q.device)
+    o = (torch.zeros if p.varlen else torch.empty)(q.shape, dtype=_store_dtype(q.dtype),
+                                                   device=q.device)
+    lse_shape = (p.H, q.shape[0]) if p.varlen else (p.B, p.H, p.Nq)
+    lse = torch.empty(lse_shape, dtype=torch.float32, device=q.device)
     _launch("fwd", _attn_fwd, lambda t: triton.cdiv(p.Nq, t.block_m), p.B * p.H,
             (q, k, v, o, lse, *p.sequences, p.strides(q), p.strides(k), p.strides(v),
              p.strides(o), p.lse_strides(lse), *p.scalars()),
@@ -624,11 +661,14 @@ def _forward(q, k, v, p, options):
 def _backward(do, q, k, v, o, lse, p, options):
     """(dq, dk, dv) for a _Problem p."""
     delta = torch.empty_like(lse)
-    _attn_bwd_preprocess[(triton.cdiv(p.Nq, _PREPROCESS_BLOCK_M), p.B * p.H)](
-        o, do, delta, p.strides(o), p.strides(do), p.lse_strides(delta), p.H, p.Nq,
+    rows, batch = (q.shape[0], 1) if p.varlen else (p.Nq, p.B)  # varlen: one long sequence here
+    _attn_bwd_preprocess[(triton.cdiv(rows, _PREPROCESS_BLOCK_M), batch * p.H)](
+        o, do, delta, p.strides(o), p.strides(do), p.lse_strides(delta), p.H, rows,
         HEAD_DIM=p.D, BLOCK_M=_PREPROCESS_BLOCK_M)
 
-    new = functools.partial(torch.empty, dtype=_store_dtype(q.dtype), device=q.device)
+    # Varlen: rows outside every sequence keep these zeros (no program owns them).
+    new = functools.partial(torch.zeros if p.varlen else torch.empty,
+                            dtype=_store_dtype(q.dtype), device=q.device)
     dq, dk, dv = new(q.shape), new(k.shape), new(k.shape)
     args = (*p.sequences, p.strides(q), p.strides(k), p.strides(v), p.strides(do),
             p.lse_strides(lse))
@@ -646,7 +686,8 @@ def _backward(do, q, k, v, o, lse, p, options):
 # the parsing of options, so the forward and backward are custom operators: opaque to dynamo (no
 # graph break), with fake implementations that give their outputs' shapes and strides, and
 # autograd that calls one from the other. Custom operators take tensors and plain scalars only:
-# options travel as text (None: FLASH_ATTENTION_OPTIONS), parsed where the kernels run.
+# options travel as text (None: FLASH_ATTENTION_OPTIONS), parsed where the kernels run. Both
+# layouts share the operators: cu_seqlens_q is None for the dense one.
 
 
 @functools.lru_cache(maxsize=64)
@@ -661,29 +702,35 @@ def _resolve_options(text):
 @torch.library.custom_op("triton_kernels::flash_attention_fwd", mutates_args=())
 def _fwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, sm_scale: float,
             window: Optional[int], kv_start: Optional[torch.Tensor],
-            kv_end: Optional[torch.Tensor],
+            kv_end: Optional[torch.Tensor], cu_seqlens_q: Optional[torch.Tensor],
+            cu_seqlens_k: Optional[torch.Tensor], max_seqlen_q: int, max_seqlen_k: int,
             options: Optional[str]) -> Tuple[torch.Tensor, torch.Tensor]:
-    """(output, base-2 log-sum-exp (B, H, Nq) fp32). The arguments are flash_attention's,
-    checked, with kv_start and kv_end clamped to int32."""
+    """(output, base-2 log-sum-exp fp32: (B, H, Nq), varlen (H, total_q)). The arguments are
+    flash_attention's or flash_attention_varlen's, checked, with the index tensors in int32."""
     options = _resolve_options(options)
     _warn_if_interpreted()
-    p = _Problem(q, k, causal, sm_scale, window, kv_start, kv_end)
+    p = _Problem(q, k, causal, sm_scale, window, kv_start, kv_end, cu_seqlens_q, cu_seqlens_k,
+                 max_seqlen_q, max_seqlen_k)
     return _forward(q, k, v, p, options)
 
 
 @_fwd_op.register_fake
-def _fwd_fake(q, k, v, causal, sm_scale, window, kv_start, kv_end, options):
-    return q.new_empty(q.shape), q.new_empty(q.shape[:3], dtype=torch.float32)
+def _fwd_fake(q, k, v, causal, sm_scale, window, kv_start, kv_end, cu_seqlens_q, cu_seqlens_k,
+              max_seqlen_q, max_seqlen_k, options):
+    lse_shape = (q.shape[1], q.shape[0]) if cu_seqlens_q is not None else q.shape[:3]
+    return q.new_empty(q.shape), q.new_empty(lse_shape, dtype=torch.float32)
 
 
 @torch.library.custom_op("triton_kernels::flash_attention_bwd", mutates_args=())
 def _bwd_op(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
             o: torch.Tensor, lse: torch.Tensor, causal: bool, sm_scale: float,
             window: Optional[int], kv_start: Optional[torch.Tensor],
-            kv_end: Optional[torch.Tensor],
+            kv_end: Optional[torch.Tensor], cu_seqlens_q: Optional[torch.Tensor],
+            cu_seqlens_k: Optional[torch.Tensor], max_seqlen_q: int, max_seqlen_k: int,
             options: Optional[str]) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(dq, dk, dv) from the upstream gradient do and the forward's inputs and outputs."""
-    p = _Problem(q, k, causal, sm_scale, window, kv_start, kv_end)
+    p = _Problem(q, k, causal, sm_scale, window, kv_start, kv_end, cu_seqlens_q, cu_seqlens_k,
+                 max_seqlen_q, max_seqlen_k)
     return _backward(do, q, k, v, o, lse, p, _resolve_options(options))
 
 
@@ -693,16 +740,18 @@ def _bwd_fake(do, q, k, v, *_):
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, causal, sm_scale, window, kv_start, kv_end, options = inputs
-    ctx.save_for_backward(q, k, v, *output, kv_start, kv_end)
-    ctx.causal, ctx.sm_scale, ctx.window, ctx.options = causal, sm_scale, window, options
+    (q, k, v, causal, sm_scale, window, kv_start, kv_end, cu_seqlens_q, cu_seqlens_k,
+     max_seqlen_q, max_seqlen_k, options) = inputs
+    ctx.save_for_backward(q, k, v, *output, kv_start, kv_end, cu_seqlens_q, cu_seqlens_k)
+    ctx.scalars = (causal, sm_scale, window)
+    ctx.max_seqlens_options = (max_seqlen_q, max_seqlen_k, options)
 
 
 def _fwd_backward(ctx, do, _dlse):  # lse is an internal output: its gradient is ignored
-    q, k, v, o, lse, kv_start, kv_end = ctx.saved_tensors
-    dq, dk, dv = _bwd_op(do, q, k, v, o, lse, ctx.causal, ctx.sm_scale, ctx.window, kv_start,
-                         kv_end, ctx.options)
-    return dq, dk, dv, None, None, None, None, None, None
+    q, k, v, o, lse, *index_tensors = ctx.saved_tensors
+    dq, dk, dv = _bwd_op(do, q, k, v, o, lse, *ctx.scalars, *index_tensors,
+                         *ctx.max_seqlens_options)
+    return dq, dk, dv, *(None,) * 10
 
 
 # Rather than an autograd.Function around the operators, which costs less Python time per eager
@@ -754,7 +803,7 @@ def _check_scalars(causal, sm_scale, window):
 
 
 def _check_index(name, t, length, device):
-    """kv_start, kv_end: an integer tensor (length,) on q's device."""
+    """kv_start, kv_end, cu_seqlens: an integer tensor (length,) on q's device."""
     if not isinstance(t, torch.Tensor) or t.shape != (length,) or t.dtype.is_floating_point \
             or t.dtype.is_complex or t.dtype == torch.bool:
         raise ValueError(f"flash_attention: {name} must be an integer tensor of shape "
@@ -835,6 +884,53 @@ def flash_attention(q, k, v, causal=True, sm_scale=None, kv_start=None, kv_end=N
         kv_end = kv_end.clamp(0, Nk).to(torch.int32)
     sm_scale = 1.0 / math.sqrt(D) if sm_scale is None else float(sm_scale)
     window = None if window is None else int(window)
-    return _fwd_op(q, k, v, bool(causal), sm_scale, window, kv_start, kv_end,
+    return _fwd_op(q, k, v, bool(causal), sm_scale, window, kv_start, kv_end, None, None, Nq, Nk,
                    _option_text(options))[0]
 
+
+def flash_attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+                           causal=True, sm_scale=None, window=None, *, options=None):
+    """Attention over variable-length sequences packed along one axis, each attending only to
+    itself (packed fine-tuning data), differentiable in q, k, v.
+
+    Args:
+        q: (total_q, H, D) queries of all sequences, one after the other; dtypes and D as in
+            flash_attention. May be a strided view.
+        k, v: (total_k, Hkv, D) keys and values; H must be a multiple of Hkv (GQA).
+        cu_seqlens_q, cu_seqlens_k: integer tensors (n + 1,) on q's device, cumulative
+            lengths: sequence b is rows [cu_seqlens_q[b], cu_seqlens_q[b + 1]) of q and rows
+            [cu_seqlens_k[b], cu_seqlens_k[b + 1]) of k and v. Nondecreasing from 0, with the
+            last entries at most total_q and total_k; empty sequences are allowed. Rows past
+            the last sequence are never read, and get output and gradient 0. Not checked (that
+            would synchronize with the device): wrong offsets read out of bounds.
+        max_seqlen_q, max_seqlen_k: ints at least as large as every sequence's length (the
+            grid's size; not checked: a longer sequence would be cut short).
+        causal: within each sequence, bottom-right aligned as in flash_attention (query i of a
+            sequence of Nq queries and Nk keys sees keys j <= i + Nk - Nq; if Nq > Nk, its
+            first Nq - Nk queries see no key and output 0).
+        sm_scale, window, options: as in flash_attention.
+
+    Returns:
+        (total_q, H, D) tensor in q's dtype.
+    """
+    _check_tensors(q, k, v, 3, "(total, heads, D)")
+    if k.shape[2] != q.shape[2]:
+        raise ValueError(f"flash_attention: q {tuple(q.shape)} and k/v {tuple(k.shape)} must "
+                         f"agree on head dim")
+    if not isinstance(cu_seqlens_q, torch.Tensor) or cu_seqlens_q.dim() != 1 \
+            or len(cu_seqlens_q) < 2:
+        raise ValueError(f"flash_attention: cu_seqlens_q must be a 1-D tensor of n + 1 >= 2 "
+                         f"offsets, got {getattr(cu_seqlens_q, 'shape', cu_seqlens_q)!r}")
+    _check_index("cu_seqlens_q", cu_seqlens_q, len(cu_seqlens_q), q.device)
+    _check_index("cu_seqlens_k", cu_seqlens_k, len(cu_seqlens_q), q.device)
+    for name, value in (("max_seqlen_q", max_seqlen_q), ("max_seqlen_k", max_seqlen_k)):
+        if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+            raise ValueError(f"flash_attention: {name} must be a positive integer, "
+                             f"got {value!r}")
+    _check_scalars(causal, sm_scale, window)
+    _check_backend(q.device)
+    sm_scale = 1.0 / math.sqrt(q.shape[-1]) if sm_scale is None else float(sm_scale)
+    window = None if window is None else int(window)
+    return _fwd_op(q, k, v, bool(causal), sm_scale, window, None, None,
+                   cu_seqlens_q.to(torch.int32), cu_seqlens_k.to(torch.int32), int(max_seqlen_q),
+                   int(max_seqlen_k), _option_text(options))[0]

@@ -8,8 +8,9 @@ max(||ref||, 1) of the output and of dQ, dK, dV, and whether each is within the 
 (the tests' bounds: fp16 2e-3, bf16 1e-2); exits 1 if any row fails or raises. The cases:
 causal GQA prefill, non-causal MHA, a prefill of Nq = N/4 queries after a cache of 3N/4 keys
 with left padding, single-token decode with left padding, decode steps (Nq = 1 and 3) over a
-whole fixed-length cache with per-row kv_end whose unused rows hold NaN/inf, and a sliding
-window of N/8 keys (causal GQA prefill with left padding).
+whole fixed-length cache with per-row kv_end whose unused rows hold NaN/inf, a sliding window
+of N/8 keys (causal GQA prefill with left padding), and packed variable-length sequences
+(flash_attention_varlen; causal GQA, with and without a window; lengths from 1 to N).
 
 Each --options entry (';'-separated) pins a tile, so nothing is autotuned here. Without CUDA it
 runs at toy sizes in Triton's interpreter (re-executing itself with TRITON_INTERPRET=1), which
@@ -29,17 +30,18 @@ if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
     os.execve(sys.executable, [sys.executable, *sys.argv], dict(os.environ, TRITON_INTERPRET="1"))
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-from triton_kernels import flash_attention  # noqa: E402
+from triton_kernels import flash_attention, flash_attention_varlen  # noqa: E402
 from triton_kernels.flash import Options  # noqa: E402
-from triton_kernels.reference import attention_reference, poison_unused_kv, rel_err  # noqa: E402
+from triton_kernels.reference import (attention_reference, attention_reference_varlen,  # noqa: E402
+                                      poison_unused_kv, rel_err)
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 TOLERANCE = {torch.float32: 5e-6, torch.float16: 2e-3, torch.bfloat16: 1e-2}
 
 
 def cases(n):
-    """(name, B, H, Hkv, Nq, Nk, causal, kv_start, kv_end, poison, window) at sequence length
-    n."""
+    """(name, B, H, Hkv, Nq, Nk, causal, kv_start, kv_end, poison, window) at sequence length n;
+    B = "varlen": sequences of these lengths (Nq, Nk: lists) packed into one tensor."""
     w = max(n // 8, 1)
     return [
         ("prefill causal GQA", 2, 8, 2, n, n, True, None, None, False, None),
@@ -52,11 +54,17 @@ def cases(n):
         ("static cache Nq=3, kv_end", 4, 8, 2, 3, n, True, [0, 0, 7, 0],
          [n, n - 17, 64, 2], True, None),
         (f"window {w}, left pad", 2, 8, 2, n, n, True, [0, n // 8 + 3], None, False, w),
+        ("varlen causal GQA", "varlen", 8, 2, [1, n // 2 + 7, n - 9, 33], None, True, None, None,
+         False, None),
+        (f"varlen window {w}", "varlen", 8, 2, [n, 17, n // 4 - 1], [n, 40, n // 4 + 5], True,
+         None, None, False, w),
     ]
 
 
 def check(case, dtype, head_dim, options, device):
     _, B, H, Hkv, Nq, Nk, causal, kv_start, kv_end, poison, window = case
+    if B == "varlen":
+        return check_varlen(case, dtype, head_dim, options, device)
     as_index = lambda x: None if x is None else torch.tensor(x, device=device)  # noqa: E731
     kv_start, kv_end = as_index(kv_start), as_index(kv_end)
     q = torch.randn(B, H, Nq, head_dim, device=device, dtype=dtype, requires_grad=True)
@@ -73,6 +81,21 @@ def check(case, dtype, head_dim, options, device):
                                         window=window, options=options),
         lambda q, k, v: attention_reference(q, k, v, causal, head_dim ** -0.5, kv_start, kv_end,
                                             window))
+
+
+def check_varlen(case, dtype, head_dim, options, device):
+    _, _, H, Hkv, q_lens, k_lens, causal, _, _, _, window = case
+    k_lens = k_lens or q_lens
+    cu_q, cu_k = (torch.tensor([0, *lens], device=device).cumsum(0) for lens in (q_lens, k_lens))
+    q = torch.randn(sum(q_lens), H, head_dim, device=device, dtype=dtype, requires_grad=True)
+    k, v = (torch.randn(sum(k_lens), Hkv, head_dim, device=device, dtype=dtype,
+                        requires_grad=True) for _ in range(2))
+    return errors_and_seconds(
+        (q, k, v), (k, v), device,
+        lambda q, k, v: flash_attention_varlen(q, k, v, cu_q, cu_k, max(q_lens), max(k_lens),
+                                               causal=causal, window=window, options=options),
+        lambda q, k, v: attention_reference_varlen(q, k, v, cu_q, cu_k, causal,
+                                                   head_dim ** -0.5, window))
 
 
 def errors_and_seconds(inputs, clean, device, attention, attention64):

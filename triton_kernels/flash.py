@@ -1,6 +1,6 @@
 """FlashAttention forward and backward in Triton: GQA/MQA, bottom-right causal masking, sliding
 windows, left padding (``kv_start``), a per-row key count (``kv_end``, for a static KV cache) and
-variable-length packed sequences (``flash_attention_varlen``).
+variable-length packed sequences (``flash_attention_varlen``). docs/kernel.md has the long form.
 
 Layouts. Dense: q (B, H, Nq, D), k and v (B, Hkv, Nk, D). Varlen: q (total_q, H, D), k and v
 (total_k, Hkv, D), sequence b being rows [cu_seqlens_q[b], cu_seqlens_q[b + 1]) of q and rows

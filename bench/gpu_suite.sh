@@ -95,7 +95,7 @@ step() {
 }
 
 if [ "$DRY" = 1 ]; then  # toy sizes: every command line of the real run, on the CPU
-    CHECK=(--n 32 --head_dims 16 --dtypes bf16 --cases "static cache Nq=3")
+    CHECK=(--n 32 --head_dims 16 --dtypes bf16 --cases "static cache Nq=3,window,varlen")
     VARIANT_CHECK=(--n 32 --head_dims 16 --dtypes bf16 --cases "decode Nq=1")
     TESTS=(tests/test_flash_attention.py -k "options_parse or bad_kv_range or tuner")
     SHAPE=(--batch 1 --heads 2 --head_dim 16 --dtype fp32)
@@ -121,8 +121,8 @@ else
 fi
 # Tiles pinned for the variant timings, so that each variant differs from the base in one thing.
 BASE="fwd=128x64x8x3+dkdv=64x128x8x2+dq=128x64x8x3"
-VARIANTS="triton:$BASE,triton:fused_scale+$BASE,triton:heavy_first+$BASE,triton:tma+$BASE"
-VARIANTS="$VARIANTS,triton:$BASE+dkdv=32x128x8x3,triton:$BASE+dkdv=64x64x8x2"
+VARIANTS="triton:$BASE,triton:heavy_first+$BASE,triton:$BASE+dkdv=32x128x8x3"
+VARIANTS="$VARIANTS,triton:$BASE+dkdv=64x64x8x2"
 # Pinned for correctness runs, so that nothing is autotuned there (tile=... in flash.Options):
 # a fast 16-bit tile for the kernel check, a small one for the tests, whose fp32 cases use exact
 # fp32 dots that need small tiles (bench/gpu/README.md).
@@ -130,11 +130,10 @@ PIN="tile=64x64x8x3" TEST_PIN="tile=32x32x4x2"
 [ "$DRY" = 1 ] && PIN="tile=16x32x4x1" TEST_PIN="tile=16x32x4x1"
 
 step 0 versions 30 "$PY" bench/gpu/versions.py "$R/versions.txt"
-step 1a check_kernel 75 "$PY" bench/gpu/check_kernel.py ${CHECK[@]+"${CHECK[@]}"} \
+step 1a check_kernel 95 "$PY" bench/gpu/check_kernel.py ${CHECK[@]+"${CHECK[@]}"} \
     --options "$PIN" --json "$R/check_kernel.json"
-step 1b check_kernel_variants 50 "$PY" bench/gpu/check_kernel.py "${VARIANT_CHECK[@]}" \
-    --options "fused_scale,$PIN;heavy_first,$PIN;pack_gqa,$PIN;tma,$PIN" \
-    --json "$R/check_kernel_variants.json"
+step 1b check_kernel_variants 30 "$PY" bench/gpu/check_kernel.py "${VARIANT_CHECK[@]}" \
+    --options "heavy_first,$PIN" --json "$R/check_kernel_variants.json"
 step 2 pytest 90 env FLASH_ATTENTION_OPTIONS="$TEST_PIN" "$PY" -m pytest -q -x \
     -p no:cacheprovider --durations=10 --junitxml "$R/pytest.xml" ${TESTS[@]+"${TESTS[@]}"}
 step 3a bench 90 "$PY" -m triton_kernels.bench "${SHAPE[@]}" --lengths "$LENGTHS" \
@@ -145,7 +144,7 @@ step 3c bench_variants 35 "$PY" -m triton_kernels.bench "${SHAPE[@]}" \
     --lengths "$VARIANT_LENGTHS" --causal true --modes "$VARIANT_MODES" --impls "$VARIANTS" \
     --out "$R" --name attention_variants
 step 3d bench_decode 20 "$PY" -m triton_kernels.bench "${DECODE_SHAPE[@]}" --q_len 1 \
-    --lengths "$DECODE_LENGTHS" --modes fwd --impls sdpa,triton,triton:pack_gqa,triton:pack_gqa+tma \
+    --lengths "$DECODE_LENGTHS" --modes fwd --impls sdpa,triton \
     --out "$R" --name attention_decode
 # Steps 4 and 5 call python -m llm.bench (see bench/gpu/README.md for the contract). Eager runs
 # first, then the compiled ones (each pays a compile of its own), so that if the budget runs out

@@ -41,7 +41,10 @@ def test_dry_run(tmp_path):
     assert "torch" in (out / "versions.txt").read_text()
     rows = json.loads((out / "check_kernel.json").read_text())
     assert rows and all(r["ok"] and r["out"] < 1e-2 for r in rows)
-    assert len(json.loads((out / "check_kernel_variants.json").read_text())) == 4
+    assert {r["case"] for r in rows} == {"static cache Nq=3, kv_end", "window 4, left pad",
+                                         "varlen causal GQA", "varlen window 4"}
+    variants = json.loads((out / "check_kernel_variants.json").read_text())
+    assert [(r["options"], r["ok"]) for r in variants] == [("heavy_first,tile=16x32x4x1", True)]
     junit = ET.parse(out / "pytest.xml").getroot()
     suite = junit.find("testsuite") if junit.tag == "testsuites" else junit
     assert int(suite.get("tests")) > 0 and suite.get("failures") == "0"

@@ -9,7 +9,7 @@ Implementations: naive (materialized scores, fp32 softmax, K/V repeated per grou
 (torch.nn.functional.scaled_dot_product_attention, backend chosen by torch), sdpa_flash (SDPA
 restricted to its FlashAttention backend; CUDA only) and triton (triton_kernels.flash_attention,
 in flash.py). "triton:OPTIONS" runs a kernel variant side by side, OPTIONS as flash.Options with
-'+' between items: triton:fused_scale, triton:heavy_first+tile=128x64x8x3, triton:dkdv=32x128x4x2.
+'+' between items: triton:heavy_first, triton:heavy_first+tile=128x64x8x3, triton:dkdv=32x128x4x2.
 
 Lengths: Nq = Nk = N, or with --q_len a fixed number of queries (decode: --q_len 1) against N
 keys; then the mask is non-causal (all N keys visible, as for the last query of a causal mask).

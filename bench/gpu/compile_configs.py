@@ -2,17 +2,19 @@
 list registers, spills and shared memory, so that the tuning lists hold only tiles that fit.
 
     python bench/gpu/compile_configs.py [--kernels fwd,dkdv,dq] [--head_dims 64,128]
-        [--dtypes bf16,fp16,fp32] [--options ""] [--kv_heads 16] [--extra] [--tiles LIST]
-        [--json PATH]
+        [--dtypes bf16,fp16,fp32] [--options ""] [--kv_heads 16] [--varlen] [--window W]
+        [--extra] [--tiles LIST] [--json PATH]
 
 Each kernel is compiled exactly as flash.py launches it for a causal forward + backward at
-B=4, H=16, N=4096 (the launches are captured from flash.py's own launch path on meta tensors;
-arguments are specialized as Triton's launcher does: 16-byte aligned pointers, unit strides as
-constants). ptxas (bundled with triton) reports registers and spills; Triton reports the shared
-memory it allocates. A tile is kept iff it spills no register and fits in 227 KB of shared memory
-per block (H100/H200). Exit status 1 if, with default options, a tile of flash.CANDIDATES is not
-kept at D=64 or 128 in bf16/fp16 (the lists promise that), else 0. --extra also compiles
-flash.EXTRA_TILES (selectable, not tuned); --tiles compiles only the tiles named.
+B=4, H=16, N=4096, dense or (--varlen) as 4 packed sequences, with or without a sliding window
+(the launches are captured from flash.py's own launch path on meta tensors; arguments are
+specialized as Triton's launcher does: 16-byte aligned pointers, unit strides as constants).
+ptxas (bundled with triton) reports registers and spills; Triton reports the shared memory it
+allocates. A tile is kept iff it spills no register and fits in 227 KB of shared memory per
+block (H100/H200). Exit status 1 if, with default options, a tile of flash.CANDIDATES is not kept
+by the dense kernels at D=64 or 128 in bf16/fp16 (the lists promise that), else 0; varlen
+kernels, whose lengths are unknown at compile time, spill a few bytes in some tiles. --extra
+also compiles flash.EXTRA_TILES (selectable, not tuned); --tiles compiles only the tiles named.
 """
 import argparse
 import json
@@ -46,55 +48,74 @@ TYPE_NAMES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp3
 B, H, N = 4, 16, 4096
 
 
-def captured_launches(head_dim, dtype, causal, options, kv_heads=H):
-    """[(kernel name, jit function, positional args, constexprs)] of one forward + backward."""
+def captured_launches(head_dim, dtype, causal, options, kv_heads=H, varlen=False, window=None):
+    """[(kernel name, jit function, positional args, constexprs)] of one forward + backward:
+    dense (B, H, N, D) or, with varlen, B sequences of N tokens packed into (B * N, H, D)."""
     calls = []
 
-    def capture(name, kernel, n_tiles, heads, args, constexprs, *rest):
-        calls.append((name, kernel, args, constexprs))
+    def capture(name, kernel, n_tiles, heads, args, constexprs, options, *rest):
+        calls.append((name, kernel, args, dict(constexprs, HEAVY_FIRST=options.heavy_first)))
 
     class NoLaunch:  # the untuned preprocess kernel
         def __getitem__(self, grid):
             return lambda *args, **kwargs: None
 
-    def meta(*shape):
+    def meta(*shape, dtype=dtype):
         return torch.empty(*shape, dtype=dtype, device="meta")
 
-    q = meta(B, H, N, head_dim)
-    k, v = meta(B, kv_heads, N, head_dim), meta(B, kv_heads, N, head_dim)
+    if varlen:
+        q, k, v = meta(B * N, H, head_dim), meta(B * N, kv_heads, head_dim), \
+            meta(B * N, kv_heads, head_dim)
+        cu_seqlens = meta(B + 1, dtype=torch.int32)
+        problem = flash._Problem(q, k, causal, head_dim ** -0.5, window, None, None, cu_seqlens,
+                                 cu_seqlens, N, N)
+    else:
+        q, k, v = meta(B, H, N, head_dim), meta(B, kv_heads, N, head_dim), \
+            meta(B, kv_heads, N, head_dim)
+        problem = flash._Problem(q, k, causal, head_dim ** -0.5, window, None, None, None, None,
+                                 N, N)
     with mock.patch.object(flash, "_launch", capture), \
             mock.patch.object(flash, "_attn_bwd_preprocess", NoLaunch()):
-        o, lse = flash._forward(q, k, v, causal, head_dim ** -0.5, None, None, options)
-        flash._backward(meta(B, H, N, head_dim), q, k, v, o, lse, causal, head_dim ** -0.5,
-                        None, None, options)
+        o, lse = flash._forward(q, k, v, problem, options)
+        flash._backward(torch.empty_like(o), q, k, v, o, lse, problem, options)
     return calls
 
 
 def specialize(kernel, args, constexprs):
     """(signature, constexprs, attrs) for triton.compile, as Triton's launcher would derive them
     from these arguments: tensors become 16-byte aligned pointers, ints equal to 1 constants,
-    ints divisible by 16 get a divisibility hint, None a constant."""
+    ints divisible by 16 get a divisibility hint, None a constant; tuples (the strides) element
+    by element, keyed by their path (argument index, element index)."""
     values = dict(zip(kernel.arg_names, args), **constexprs)
-    signature, constants, attrs = {}, {}, {}
-    for index, name in enumerate(kernel.arg_names):
-        value = values[name]
+    constants, attrs = {}, {}
+
+    def arg_type(path, value):
+        if isinstance(value, tuple):
+            return tuple(arg_type((*path, i), x) for i, x in enumerate(value))
         divisible = False
-        if name in constexprs or value is None or (type(value) is int and value == 1):
-            signature[name] = "constexpr"
-            constants[name] = value
-            continue
+        if value is None or (type(value) is int and value == 1):
+            constants[path] = value
+            return "constexpr"
         if isinstance(value, torch.Tensor):
-            signature[name] = "*" + TYPE_NAMES[value.dtype]
-            divisible = True
+            kind, divisible = "*" + TYPE_NAMES[value.dtype], True
         elif isinstance(value, float):
-            signature[name] = "fp32"
+            kind = "fp32"
         elif isinstance(value, int):
-            signature[name] = "i32" if -2**31 <= value < 2**31 else "i64"
+            kind = "i32" if -2**31 <= value < 2**31 else "i64"
             divisible = value % 16 == 0
         else:
-            raise TypeError(f"{kernel.__name__}: cannot specialize {name}={value!r}")
+            raise TypeError(f"{kernel.__name__}: cannot specialize {value!r} at {path}")
         if divisible:
-            attrs[(index,)] = [["tt.divisibility", 16]]
+            attrs[path] = [["tt.divisibility", 16]]
+        return kind
+
+    signature = {}
+    for index, name in enumerate(kernel.arg_names):
+        if name in constexprs:
+            signature[name] = "constexpr"
+            constants[(index,)] = constexprs[name]
+        else:
+            signature[name] = arg_type((index,), values[name])
     return signature, constants, attrs
 
 
@@ -146,8 +167,11 @@ def main(argv=None):
     parser.add_argument("--kernels", default=",".join(flash.KERNELS))
     parser.add_argument("--head_dims", default="64,128")
     parser.add_argument("--dtypes", default="bf16,fp16,fp32")
-    parser.add_argument("--options", default="", help="flash Options, e.g. fused_scale,pack_gqa")
+    parser.add_argument("--options", default="", help="flash Options, e.g. heavy_first")
     parser.add_argument("--kv_heads", type=int, default=H, help=f"of {H} query heads (GQA)")
+    parser.add_argument("--varlen", action="store_true",
+                        help=f"the varlen kernels ({B} packed sequences of {N} tokens)")
+    parser.add_argument("--window", type=int, help="a sliding window of this many keys")
     parser.add_argument("--extra", action="store_true", help="also flash.EXTRA_TILES")
     parser.add_argument("--tiles", help="compile these tiles instead, e.g. 32x32x4x2,64x32x4x2")
     parser.add_argument("--json", type=Path, help="write the rows here")
@@ -164,15 +188,16 @@ def main(argv=None):
         parser.error(str(e))
 
     print(f"triton {triton.__version__}, target {TARGET}, causal, B={B} H={H} "
-          f"Hkv={cfg.kv_heads} N={N}, options: {options}")
+          f"Hkv={cfg.kv_heads} N={N}, {'varlen' if cfg.varlen else 'dense'}, window "
+          f"{cfg.window}, options: {options}")
     header = f"{'kernel':<6}{'D':>5} {'dtype':<6}{'tile':<14}{'regs':>6}{'spill st/ld':>13}" \
              f"{'smem KB':>9}{'s':>6}  verdict"
     print(header + "\n" + "-" * len(header), flush=True)
     rows, broken = [], []
     for head_dim in head_dims:
         for dtype in dtypes:
-            for name, kernel, args, constexprs in captured_launches(head_dim, dtype, True, options,
-                                                                    cfg.kv_heads):
+            for name, kernel, args, constexprs in captured_launches(
+                    head_dim, dtype, True, options, cfg.kv_heads, cfg.varlen, cfg.window):
                 if name not in kernels:
                     continue
                 candidates = (flash.CANDIDATES_FP32 if dtype == torch.float32
@@ -192,14 +217,16 @@ def main(argv=None):
                           f"{row['compile_s']:>6}  {row['verdict']}"
                           f"{'' if row['candidate'] else '  (extra)'}", flush=True)
                     if row["candidate"] and row["verdict"] != "keep" and head_dim in (64, 128) \
-                            and dtype != torch.float32 and options == flash.Options():
+                            and dtype != torch.float32 and options == flash.Options() \
+                            and not cfg.varlen:
                         broken.append(f"{name} {tile} D={head_dim} {row['dtype']}: "
                                       f"{row['verdict']}")
     if cfg.json:
         cfg.json.parent.mkdir(parents=True, exist_ok=True)
         tmp = cfg.json.with_name(f".{cfg.json.name}.tmp")
         tmp.write_text(json.dumps(dict(triton=triton.__version__, target=str(TARGET),
-                                       options=str(options), rows=rows), indent=1) + "\n")
+                                       options=str(options), varlen=cfg.varlen,
+                                       window=cfg.window, rows=rows), indent=1) + "\n")
         os.replace(tmp, cfg.json)
     if broken:
         print("candidates that do not fit (remove them from flash.CANDIDATES):\n  "

@@ -73,7 +73,7 @@ def test_rows_at_their_own_positions_equal_each_alone(backend, seed):
         pytest.importorskip("triton")
     options = dict(n_layer=1, d_model=64, n_head=4, n_kv_head=2) if backend == "triton" else {}
     model = tiny_model(seed, attention=backend, dtype=torch.float32 if backend == "triton" else torch.float64,
-                       sliding_window=None if backend == "triton" else int(torch.randint(3, 9, ())), **options)
+                       sliding_window=int(torch.randint(3, 9, ())), **options)
     cache = KVCache(model.config, 3, 40, "cpu", next(model.parameters()).dtype)
     prompts, new = random_prompts([9, 2, 5]), torch.randint(0, 97, (3, 6))
     logits = [[] for _ in prompts]

@@ -15,7 +15,7 @@ from tests.helpers import grid_id, option_grid, tiny_model
 GRID = list(option_grid())
 
 
-CAUSALITY_CASES = [(b, o) for b in ("naive", "sdpa") for o in GRID] + [("triton", {**o, "sliding_window": None}) for o in GRID[::7]]
+CAUSALITY_CASES = [(b, o) for b in ("naive", "sdpa") for o in GRID] + [("triton", o) for o in GRID[::7]]
 
 
 @pytest.mark.parametrize("backend, options", CAUSALITY_CASES, ids=[f"{b}-{grid_id(o)}" for b, o in CAUSALITY_CASES])

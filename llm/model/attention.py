@@ -104,9 +104,7 @@ def triton_attention(q, k, v, kv_start, q_slots, window):
 
     # A static cache: each row's keys up to its last query's slot exist; the causal diagonal ends there.
     kv_end = None if q_slots is None else (q_slots[..., -1] + 1).expand(q.size(0))
-    if window is not None:
-        return flash_attention(q, k, v, causal=True, kv_start=kv_start, kv_end=kv_end, window=window)
-    return flash_attention(q, k, v, causal=True, kv_start=kv_start, kv_end=kv_end)
+    return flash_attention(q, k, v, causal=True, kv_start=kv_start, kv_end=kv_end, window=window)
 
 
 def sdpa_attention(q, k, v, dropout_p, kv_start, q_slots, window):

@@ -1,7 +1,9 @@
 """train.py end to end: smoke run, checkpoints, resume bit-exactness, signals, bad input."""
 import json
 import os
+import re
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -150,6 +152,44 @@ def test_checkpoint_killed_midway_leaves_previous_loadable(tmp_path):
         assert saved_step(run_dir / "checkpoint") <= step
         assert all(torch.all(p == saved_step(run_dir / "checkpoint")) for p in linked.parameters())
         last = step
+
+
+def test_one_run_per_out_dir_and_a_killed_holder_blocks_nothing(corpus, cache_dir, tmp_path):
+    """Two identical launches at once: one trains, the other stops with one line naming it (host, pid,
+    since) and touching nothing; once the holder is SIGKILLed, the requeued command continues the run."""
+    out = tmp_path / "run"
+
+    def command(max_steps):
+        return args(corpus, cache_dir, out, "--resume=auto", "--max_steps", str(max_steps), "--decay_steps", "100000",
+                    "--ckpt_interval", "1", "--eval_interval", "100000", "--log_interval", "100000")
+
+    launches = []
+    for i in range(2):
+        with open(tmp_path / f"{i}.out", "w") as o, open(tmp_path / f"{i}.err", "w") as e:
+            launches.append(subprocess.Popen([sys.executable, "train.py", *command(100000)], cwd=ROOT,
+                                             stdout=o, stderr=e))
+    try:
+        deadline = time.time() + 120
+        while time.time() < deadline and all(p.poll() is None for p in launches):
+            time.sleep(0.05)
+        stopped = [i for i, p in enumerate(launches) if p.poll() is not None]
+        assert len(stopped) == 1, "both launches still run (or both stopped)"
+        loser, winner = launches[stopped[0]], launches[1 - stopped[0]]
+        printed, err = ((tmp_path / f"{stopped[0]}.{kind}").read_text() for kind in ("out", "err"))
+        assert loser.returncode == 2 and printed == ""
+        holder = rf"\(host {re.escape(socket.gethostname())}, pid {winner.pid}, since [^)]+\)"
+        assert re.fullmatch(rf"error: {re.escape(str(out))} is in use by another run {holder}: [^\n]+\n", err), err
+        while time.time() < deadline and latest(out) is None:
+            time.sleep(0.05)
+        assert winner.poll() is None  # it trains on, checkpointing every step
+    finally:
+        for p in launches:
+            if p.poll() is None:
+                p.kill()
+            p.wait()
+    step = json.loads((latest(out) / "trainer.json").read_text())["step"]
+    assert main(command(step + 2)) == 0  # the requeue: the lock died with its holder
+    assert json.loads((latest(out) / "trainer.json").read_text())["step"] == step + 2
 
 
 @pytest.mark.parametrize("extra, message", [

@@ -1,7 +1,9 @@
 """A run prepared once, before its first step, into one value the training loop reads.
 
-    prepare(config, resume, d) -> PreparedRun
-        out_dir checked         the run directory may be written, and is not another run's
+    claim_out_dir(config, resume, d)   before prepare, for the whole job: locked and checked
+        out_dir claimed         one job per run directory; it may be written, and is not another run's
+
+    prepare(config, resume, d, out) -> PreparedRun
         tokenizer and data      from the checkpoint, a file, or trained; tokenized and cached
         model                   new, from --init_from's weights, or the checkpoint's
         dtype                   --dtype, `auto` decided once per run (llm/runtime.py)
@@ -55,8 +57,26 @@ class PreparedRun:
     peak_flops: float | None  # of one device, where known (bf16 on CUDA): for MFU
 
 
-def prepare(config: RunConfig, resume: Resume | None, d: Dist) -> PreparedRun:
-    out = out_dir.check(config) if d.is_main else Path(config.launch.out_dir).expanduser()
+@contextlib.contextmanager
+def claim_out_dir(config: RunConfig, resume: Resume | None, d: Dist):
+    """Yields out_dir, locked for the job until the block ends. Under torchrun the first process
+    claims it for the job, and if it cannot, every process stops."""
+    out, held, error = Path(config.launch.out_dir).expanduser(), None, None
+    if d.is_main:
+        try:
+            out, held = out_dir.claim(config, resume)
+        except UserError as e:
+            error = e
+    if any_rank(error is not None, d):
+        raise error or UserError("the first process could not claim out_dir (its error is above)")
+    try:
+        yield out
+    finally:
+        if held is not None:
+            held.release()
+
+
+def prepare(config: RunConfig, resume: Resume | None, d: Dist, out: Path) -> PreparedRun:
     init_from = Path(config.launch.init_from).expanduser() if config.launch.init_from else None
     tokenizer, batches, data_line = prepare_data(config, d, resume.checkpoint if resume else init_from)
 

@@ -26,7 +26,7 @@ from llm.train import checkpoint, out_dir
 from llm.train.checkpoint import Resume
 from llm.train.distributed import any_rank, barrier, setup, sum_across_ranks, teardown, total_across_ranks
 from llm.train.optim import lr_multiplier, set_hyperparameters
-from llm.train.prepare import PreparedRun, prepare
+from llm.train.prepare import PreparedRun, claim_out_dir, prepare
 
 
 def train(config: RunConfig, resume: Resume | None = None) -> int:
@@ -34,9 +34,9 @@ def train(config: RunConfig, resume: Resume | None = None) -> int:
     keep_freed_memory()
     d = setup(config.runtime.device)
     try:
-        with StopSignal() as stop:
-            status = loop(prepare(config, resume, d), stop)
-        barrier(d)  # no process tears the group down while another still talks to it
+        with claim_out_dir(config, resume, d) as out, StopSignal() as stop:
+            status = loop(prepare(config, resume, d, out), stop)
+            barrier(d)  # no process tears the group down while another still talks to it
         return status
     finally:
         teardown()

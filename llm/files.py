@@ -3,6 +3,7 @@ exclusive locks on files, which the OS releases when their holder dies."""
 import contextlib
 import errno
 import fcntl
+import hashlib
 import json
 import os
 import secrets
@@ -54,6 +55,14 @@ def sync_dir(path: Path):
             os.chmod(f, 0o644)  # some writers (temporary files) leave 0600
             with open(f, "rb") as fh:
                 os.fsync(fh.fileno())
+
+
+def sha256_file(path: Path, chunk: int = 8 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
 
 
 class Lock:

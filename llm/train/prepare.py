@@ -125,8 +125,10 @@ def prepare_data(config: RunConfig, d: Dist, source: Path | None) -> tuple[Token
     """The run's tokenizer (from `source`, a checkpoint to resume or initialize from; else
     --tokenizer; else trained on the corpus) and its batches.
 
-    Under torchrun the first process of each node builds the caches while the others wait; if
-    it fails, the others stop too instead of waiting forever.
+    Under torchrun the first process of each node checks the caches (sizes and checksums) or
+    builds them while the others wait, then they check sizes only. Each cache entry is built under
+    a file lock, so with a shared cache_dir one node builds it and the others wait. If the first
+    process fails, the others stop too instead of waiting forever.
     """
     cfg = config.train
     cache_dir = Path(config.runtime.cache_dir).expanduser()
@@ -138,22 +140,23 @@ def prepare_data(config: RunConfig, d: Dist, source: Path | None) -> tuple[Token
     else:
         tokenizer = None
 
-    def build():
-        tok = tokenizer or train_or_load_tokenizer(corpus, config.model.vocab_size, cache_dir, cfg.tokenizer_train_bytes)
+    def build(checksum: bool):
+        vocab_size = config.model.vocab_size
+        tok = tokenizer or train_or_load_tokenizer(corpus, vocab_size, cache_dir, cfg.tokenizer_train_bytes, checksum)
         if tok.vocab_size > config.model.vocab_size:
             raise UserError(f"the tokenizer has {tok.vocab_size} tokens but vocab_size is {config.model.vocab_size}: "
                             f"pass --vocab_size {tok.vocab_size} (or more)")
-        return tok, prepare_tokens(corpus, tok, cache_dir, cfg.val_fraction)
+        return tok, prepare_tokens(corpus, tok, cache_dir, cfg.val_fraction, checksum)
 
     error = None
     if d.local_rank == 0:
         try:
-            built = build()
+            built = build(checksum=True)
         except UserError as e:
             error = e
     if any_rank(error is not None, d):
         raise error or UserError("another process failed while preparing the data (its error is above)")
-    tokenizer, token_dir = built if d.local_rank == 0 else build()
+    tokenizer, token_dir = built if d.local_rank == 0 else build(checksum=False)
     splits = split_tokens(token_dir, config.model.block_size)
     line = (f"data: {splits.meta['corpus']}: {len(splits.train):,} training, {len(splits.val):,} validation tokens "
             f"(validation: {splits.how})")

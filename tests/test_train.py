@@ -192,6 +192,52 @@ def test_one_run_per_out_dir_and_a_killed_holder_blocks_nothing(corpus, cache_di
     assert json.loads((latest(out) / "trainer.json").read_text())["step"] == step + 2
 
 
+FILE_SIZE_LIMITED = """
+import resource, runpy, sys
+resource.setrlimit(resource.RLIMIT_FSIZE, (int(sys.argv[1]), int(sys.argv[1])))
+sys.argv = ["train.py", *sys.argv[2:]]
+runpy.run_path("train.py", run_name="__main__")
+"""
+
+
+def test_a_checkpoint_that_cannot_be_written_is_one_line(corpus, cache_dir, tmp_path):
+    """Under a file-size limit (as under a full disk or a quota) the checkpoint write fails: one line naming
+    the folder and the bytes needed, exit status 2, the previous checkpoint untouched and loadable, no
+    half-written one left; --resume then reaches the end as if nothing had happened."""
+    out = tmp_path / "run"
+    command = args(corpus, cache_dir, out, "--decay_steps", "4", "--ckpt_interval", "2")
+    assert main(command + ["--max_steps", "2"]) == 0
+    before = {p: p.read_bytes() for p in latest(out).rglob("*") if p.is_file()}
+    limit = max(len(data) for data in before.values()) // 2  # the sharded state does not fit; logs and plots do
+    result = subprocess.run([sys.executable, "-c", FILE_SIZE_LIMITED, str(limit), *command, "--max_steps", "4",
+                             "--resume"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 2, result.stderr[-3000:]
+    lines = [line for line in re.split(r"[\r\n]", result.stderr) if line.strip() and not line.startswith("training")]
+    assert lines == [lines[-1]] and lines[-1].startswith(f"error: cannot write checkpoint ckpt-0000004 in {out}: "
+                                                         "File too large [EFBIG]; it needs about "), result.stderr
+    assert "ckpt-0000002" in lines[-1]
+    assert latest(out).name == "ckpt-0000002"
+    assert {p: p.read_bytes() for p in latest(out).rglob("*") if p.is_file()} == before
+    assert not [p for p in out.iterdir() if "tmp" in p.name]
+    llm.load(out)
+    assert main(command + ["--max_steps", "4", "--resume"]) == 0
+    assert main(args(corpus, cache_dir, tmp_path / "straight", "--decay_steps", "4", "--max_steps", "4")) == 0
+    assert_bit_identical(weights(tmp_path / "straight"), weights(out))
+
+
+def test_too_little_space_for_a_checkpoint_is_said_before_training(corpus, cache_dir, tmp_path, capsys, monkeypatch):
+    import shutil
+
+    from llm.train.checkpoint import human_bytes
+
+    free = int.from_bytes(os.urandom(2), "little")  # bytes: far less than any checkpoint
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: shutil._ntuple_diskusage(10**12, 10**12 - free, free))
+    assert main(args(corpus, cache_dir, tmp_path / "run", "--max_steps", "1")) == 0
+    warning = [line for line in capsys.readouterr().err.splitlines() if line.startswith("warning:")]
+    assert len(warning) == 1 and "a checkpoint of this run needs about" in warning[0]
+    assert f"has {human_bytes(free)} free" in warning[0]
+
+
 @pytest.mark.parametrize("extra, message", [
     (["--n_layers=3"], "unrecognized arguments: --n_layers=3 (did you mean --n_layer?)"),
     (["--d_model", "30"], "d_model=30 is not divisible by n_head=4"),

@@ -16,6 +16,8 @@ Everything that can fail on bad input fails here, before a step runs and before 
 user had is touched.
 """
 import contextlib
+import shutil
+import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -30,7 +32,7 @@ from llm.model.tokenizer import Tokenizer
 from llm.model.transformer import Transformer
 from llm.train import out_dir
 from llm.train.batches import WindowBatches
-from llm.train.checkpoint import Progress, Resume, load_training_state
+from llm.train.checkpoint import Progress, Resume, checkpoint_bytes, human_bytes, load_training_state
 from llm.train.data import open_corpus, prepare_tokens, split_tokens, train_or_load_tokenizer
 from llm.train.distributed import Dist, any_rank, parallelize, sum_across_ranks
 from llm.train.metrics import MetricsLog, flops_per_token, peak_flops
@@ -94,6 +96,8 @@ def prepare(config: RunConfig, resume: Resume | None, d: Dist, out: Path) -> Pre
     optimizers = make_optimizers(model, config.train, d.device, dtype.value)
     if resume is not None:
         load_training_state(resume.checkpoint, model, optimizers)
+    if d.is_main:
+        warn_if_no_room(out, checkpoint_bytes(model, optimizers))
     use_autocast = dtype.value != torch.float32 and not d.enabled
 
     if d.is_main and config.launch.overwrite:  # everything is ready: only now may an old run make way
@@ -119,6 +123,14 @@ def prepare(config: RunConfig, resume: Resume | None, d: Dist, out: Path) -> Pre
         progress=progress, resumed_from=resume.checkpoint if resume else None, metrics=metrics,
         tokens_per_step=tokens_per_step, flops_per_token=flops,
         peak_flops=peak_flops(d.device) if dtype.value == torch.bfloat16 else None)
+
+
+def warn_if_no_room(out: Path, needed: int):
+    """Say before the first step, not at the first checkpoint, that out_dir's disk is too full."""
+    free = shutil.disk_usage(out).free
+    if free < needed:
+        print(f"warning: a checkpoint of this run needs about {human_bytes(needed)} and {out} has {human_bytes(free)} "
+              "free: saving will fail unless space is made", file=sys.stderr)
 
 
 def prepare_data(config: RunConfig, d: Dist, source: Path | None) -> tuple[Tokenizer, WindowBatches, str]:

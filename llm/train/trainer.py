@@ -70,7 +70,7 @@ def loop(run: PreparedRun, stop: "StopSignal") -> int:
             log_validation(run, clock.read(), bar)
         interrupted = any_rank(stop.signum is not None, d)
         if progress.step % rt.ckpt_interval == 0 or last or interrupted:
-            save(run, clock.read())
+            save(run, clock.read(), bar)
         clock.resume()
         if interrupted:
             break
@@ -169,10 +169,14 @@ def log_validation(run: PreparedRun, now: float, bar):
                   f"{val['val_bpb']:.4f} bits per byte")
 
 
-def save(run: PreparedRun, train_seconds: float):
+def save(run: PreparedRun, train_seconds: float, bar):
     run.progress.train_seconds = train_seconds
     run.progress.wandb_id = run.metrics.wandb_id
-    checkpoint.save(run.out, run.progress, run.model, run.optimizers, run.tokenizer, run.config, run.d)
+    try:
+        checkpoint.save(run.out, run.progress, run.model, run.optimizers, run.tokenizer, run.config, run.d)
+    except UserError:  # no room: the one line goes below the bar, not onto it
+        bar.close()
+        raise
     if run.d.is_main:
         out_dir.drop_old_runs(run.out)  # an old run set aside by --overwrite goes once this one has a checkpoint
 

@@ -1,7 +1,14 @@
-"""Files written whole or not at all: a temporary name beside the target, then a rename."""
+"""Files written whole or not at all: a temporary name beside the target, then a rename. And
+exclusive locks on files, which the OS releases when their holder dies."""
+import contextlib
+import errno
+import fcntl
+import hashlib
 import json
 import os
 import secrets
+import socket
+import time
 from pathlib import Path
 
 from llm.errors import UserError
@@ -48,3 +55,68 @@ def sync_dir(path: Path):
             os.chmod(f, 0o644)  # some writers (temporary files) leave 0600
             with open(f, "rb") as fh:
                 os.fsync(fh.fileno())
+
+
+def sha256_file(path: Path, chunk: int = 8 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+class Lock:
+    """An exclusive flock on a file, held until release() or the end of the process: the OS drops
+    it when the holder dies, however it dies, so a killed holder never leaves a stale lock. The
+    lock belongs to the open file, so the file is never replaced while held (no rename).
+
+    fd is None where the file system refuses locks (some network file systems): nothing is held.
+    """
+
+    def __init__(self, fd: int | None, unsupported: str | None = None):
+        self.fd, self.unsupported = fd, unsupported
+
+    def write_holder(self):
+        """Record who holds the lock (host, pid, since) in the file, for whoever finds it taken."""
+        if self.fd is None:
+            return
+        holder = {"host": socket.gethostname(), "pid": os.getpid(), "since": time.strftime("%Y-%m-%d %H:%M:%S %Z")}
+        with contextlib.suppress(OSError):  # a record we cannot write (a full disk) costs only the holder's name
+            os.ftruncate(self.fd, 0)
+            os.pwrite(self.fd, (json.dumps(holder) + "\n").encode(), 0)
+
+    def release(self):
+        if self.fd is not None:
+            with contextlib.suppress(OSError):
+                os.ftruncate(self.fd, 0)  # no holder recorded while none holds it
+            os.close(self.fd)  # closing the only descriptor of the open file drops the flock
+            self.fd = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.release()
+
+
+def lock(path: Path, wait: bool) -> Lock | None:
+    """An exclusive lock on `path` (created if missing). None if another process holds it and
+    wait is False; with wait, blocks until it is free."""
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+    except OSError as e:
+        os.close(fd)
+        if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN):
+            return None
+        return Lock(None, e.strerror)  # ENOLCK, EOPNOTSUPP, ...: a file system without locks
+    return Lock(fd)
+
+
+def lock_holder(path: Path) -> str:
+    """Who holds the lock on `path`, as its holder recorded it."""
+    try:
+        holder = json.loads(Path(path).read_text())
+        return f"host {holder['host']}, pid {holder['pid']}, since {holder['since']}"
+    except (OSError, ValueError, KeyError, TypeError):
+        return "holder not recorded yet"

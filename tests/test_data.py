@@ -2,6 +2,7 @@
 import json
 import math
 import os
+import random
 
 import numpy as np
 import pytest
@@ -149,6 +150,46 @@ def test_token_cache_is_reused_and_invalidated(corpus_dir, tokenizer, tmp_path, 
     other = Tokenizer.train(["something else entirely"] * 5, 280)
     split(corpus_dir, other, cache, 0.1)
     assert len(list((cache / "tokens").iterdir())) == 3  # keyed by tokenizer too
+
+
+def damage(path, how: str, rng: random.Random):
+    """Cut the file short (anywhere, or at an element boundary of uint16 tokens) or flip one bit."""
+    data = bytearray(path.read_bytes())
+    if how == "flip":
+        data[rng.randrange(len(data))] ^= 1 << rng.randrange(8)
+    else:
+        cut = rng.randrange(1, len(data))
+        data = data[: cut - cut % 2 if how == "cut at a token" else cut | 1]
+    path.write_bytes(data)
+
+
+@pytest.mark.parametrize("how", ["cut mid-token", "cut at a token", "flip"])
+def test_damaged_token_cache_is_rebuilt_not_read(tmp_path, tokenizer, capsys, how, seed):
+    make_docs(tmp_path / "corpus", n=120)  # split by document: train.bin and val.bin
+    clean = split(tmp_path / "corpus", tokenizer, tmp_path / "clean", 0.1)
+    folder = prepare_tokens(open_corpus(str(tmp_path / "corpus")), tokenizer, tmp_path / "cache", 0.1)
+    rng = random.Random(seed)
+    damage(rng.choice(sorted(folder.glob("*.bin"))), how, rng)
+    capsys.readouterr()
+    again = split(tmp_path / "corpus", tokenizer, tmp_path / "cache", 0.1)
+    notes = [line for line in capsys.readouterr().err.splitlines() if line.startswith("note:")]
+    assert len(notes) == 1 and notes[0].startswith(f"note: the cached tokens in {folder} failed its check"), notes
+    assert np.array_equal(again.train, clean.train) and np.array_equal(again.val, clean.val)
+    assert again.meta == clean.meta  # the same token counts, the same checksums
+    split(tmp_path / "corpus", tokenizer, tmp_path / "cache", 0.1)
+    assert "note:" not in capsys.readouterr().err  # rebuilt whole: the next run reads it without a note
+
+
+@pytest.mark.parametrize("how", ["cut mid-token", "flip"])
+def test_damaged_tokenizer_cache_is_trained_again(corpus_dir, tmp_path, capsys, how, seed):
+    corpus = open_corpus(str(corpus_dir))
+    clean = train_or_load_tokenizer(corpus, 300, tmp_path / "clean", max_bytes=10**6)
+    train_or_load_tokenizer(corpus, 300, tmp_path / "cache", max_bytes=10**6)
+    damage(next((tmp_path / "cache").rglob("tokenizer.json")), how, random.Random(seed))
+    capsys.readouterr()
+    again = train_or_load_tokenizer(corpus, 300, tmp_path / "cache", max_bytes=10**6)
+    assert capsys.readouterr().err.startswith("note: the cached tokenizer in ")
+    assert again.fingerprint() == clean.fingerprint()
 
 
 def test_tokenizer_is_trained_once_per_corpus(corpus_dir, tmp_path, monkeypatch):

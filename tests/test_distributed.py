@@ -1,12 +1,15 @@
-"""FSDP under torchrun on CPU (gloo, 2 processes): same training as one process, resharding resume.
+"""FSDP under torchrun on CPU (gloo, 2 processes): same training as one process, resharding resume,
+and two torchrun "nodes" on one machine.
 
 Tolerance: fp32, losses within 1e-5 relative and weights within 1e-5 relative / 1e-6 absolute.
 (Gradient reduction sums in a different order than accumulation in one process may; on this
 machine the two runs come out bit-identical.)
 """
+import contextlib
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -17,6 +20,7 @@ import torch
 from safetensors.torch import load_file
 
 import llm
+from train import main
 
 ROOT = Path(__file__).resolve().parent.parent
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
@@ -168,3 +172,90 @@ def test_a_torchrun_worker_exits_without_interpreter_teardown(rank):
     assert result.returncode == 3
     assert result.stdout.startswith("last words") and result.stderr == "on stderr"
     assert ("teardown" in result.stdout) == (rank is None)
+
+
+# Imported before the job starts, then launches train.py when told to (the trigger file): so that the
+# second launch asks for out_dir's lock within a few steps of the job, not after seconds of imports.
+SECOND_LAUNCH = """
+import os, runpy, sys, time
+import llm.train.trainer
+while not os.path.exists(sys.argv[1]):
+    time.sleep(0.05)
+sys.argv = ["train.py", *sys.argv[2:]]
+runpy.run_path("train.py", run_name="__main__")
+"""
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_nodes_share_out_dir_and_cache_stop_together_and_resume_on_other_shapes(corpus, tmp_path):
+    """Two torchrun "nodes" (--nnodes=2, c10d rendezvous on 127.0.0.1, one process each) sharing out_dir and
+    cache_dir: the corpus is tokenized once; a second launch on out_dir is refused; SIGTERM to one node's
+    launcher saves one checkpoint and stops both; the run resumes on one node (--nnodes=1) of 2 processes,
+    then in one process; every step equals one process with accumulation."""
+    out, cache, trigger = tmp_path / "run", tmp_path / "cache", tmp_path / "go"
+    common = ["--config", "tiny", "--data", str(corpus), "--cache_dir", str(cache), "--batch_size", "4",
+              "--log_interval", "1", "--decay_steps", "200", "--ckpt_interval", "100000", "--eval_interval", "100000"]
+    port, env = free_port(), {**os.environ, "OMP_NUM_THREADS": "1"}
+    nodes, second = [], None
+    try:
+        for node in range(2):
+            node_cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes=2", "--nproc_per_node=1",
+                        "--rdzv_backend=c10d", f"--rdzv_endpoint=127.0.0.1:{port}", f"--rdzv_id={tmp_path.name}",
+                        f"--rdzv_conf=is_host={int(node == 0)},join_timeout=120", "--local_addr=127.0.0.1",
+                        "train.py", *common, "--out_dir", str(out), "--max_steps", "100000"]
+            with open(tmp_path / f"node{node}.out", "w") as o, open(tmp_path / f"node{node}.err", "w") as e:
+                nodes.append(subprocess.Popen(node_cmd, cwd=ROOT, env=env, stdout=o, stderr=e, start_new_session=True))
+        second = subprocess.Popen([sys.executable, "-c", SECOND_LAUNCH, str(trigger), *common, "--out_dir", str(out),
+                                   "--resume=auto", "--max_steps", "10"],
+                                  cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        deadline = time.time() + 240
+        while time.time() < deadline and not (out / "metrics.jsonl").exists():
+            assert all(n.poll() is None for n in nodes), "a node stopped before training"
+            time.sleep(0.1)
+        trigger.touch()
+        _, second_err = second.communicate(timeout=120)
+        nodes[1].send_signal(signal.SIGTERM)  # the launcher of the node that does not host the rendezvous
+        for n in nodes:
+            n.wait(timeout=120)
+        for n in nodes:  # every worker is gone with its launcher
+            with pytest.raises(ProcessLookupError):
+                os.killpg(n.pid, 0)
+    finally:  # nothing left running, whatever failed
+        for n in nodes:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(n.pid, signal.SIGKILL)
+            n.wait()
+        if second is not None and second.poll() is None:
+            second.kill()
+            second.wait()
+    printed = {kind: (tmp_path / f"node0.{kind}").read_text() + (tmp_path / f"node1.{kind}").read_text()
+               for kind in ("out", "err")}
+    assert second.returncode == 2
+    assert second_err.startswith(f"error: {out} is in use by another run (host {socket.gethostname()}, pid ")
+    assert second_err.count("\n") == 1
+    assert printed["out"].count("trained a tokenizer") == 1 and printed["out"].count("tokenized ") == 1
+    assert all(n.returncode != 0 for n in nodes)
+    saved = [p.name for p in out.iterdir() if p.name.startswith(("ckpt-", ".tmp-ckpt-"))]
+    step = json.loads((out / "checkpoint" / "trainer.json").read_text())["step"]
+    assert saved == [f"ckpt-{step:07d}"] and printed["err"].count(f"stopped at step {step}; checkpoint saved") == 1
+    assert json.loads((out / "checkpoint" / "trainer.json").read_text())["world_size"] == 2
+
+    run(TORCHRUN + ["--nnodes=1", "train.py", "--out_dir", str(out), "--resume", "--max_steps", str(step + 2)])
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as the workers: on a busy machine two threads of a tiny model mostly wait
+    try:
+        assert main(["--out_dir", str(out), "--resume", "--max_steps", str(step + 4), "--grad_accum", "2"]) == 0
+        one = [*common, "--out_dir", str(tmp_path / "one"), "--max_steps", str(step + 4), "--grad_accum", "2"]
+        assert main(one) == 0
+    finally:
+        torch.set_num_threads(threads)
+    a, b = losses(out), losses(tmp_path / "one")
+    assert sorted(a) == sorted(b) == list(range(1, step + 5))
+    for i in a:
+        assert a[i] == pytest.approx(b[i], rel=1e-5), i
+    assert_same_weights(out, tmp_path / "one")

@@ -358,6 +358,74 @@ def test_fsdp_two_processes_update_like_one_and_state_reshards(tmp_path, seed):
     assert_same_updates(load(back, "weights4_resumed"), load(one, "weights4"), initial)  # saved by 2, loaded by 1
 
 
+# --- Newton–Schulz shared out among the ranks -------------------------------------------------------------
+
+# Uneven rows on 2 ranks, a matrix with fewer rows than ranks (one rank holds none), an odd count.
+SHARDED_SHAPES = [(75, 32), (97, 16), (3, 40), (1, 8), (16, 16)]
+SHARDED_SCRIPT = """
+import sys
+from pathlib import Path
+from tests.test_optim import sharded_muon_worker
+
+sharded_muon_worker(int(sys.argv[1]), Path(sys.argv[2]))
+"""
+
+
+def sharded_muon_worker(seed: int, out: Path):
+    """Two Muon steps on weights split by rows over the ranks (plain tensors without torchrun), in
+    float64; saves the final weights and the shapes this process ran Newton–Schulz on."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Shard, distribute_tensor
+
+    from llm.train import optim
+
+    d = setup("cpu")
+    try:
+        generator = torch.Generator().manual_seed(seed)
+        weights = [torch.randn(shape, dtype=torch.float64, generator=generator) for shape in SHARDED_SHAPES]
+        grads = [[torch.randn(shape, dtype=torch.float64, generator=generator) for shape in SHARDED_SHAPES]
+                 for _ in range(2)]
+        mesh = init_device_mesh("cpu", (d.world_size,)) if d.enabled else None
+        shard = (lambda t: distribute_tensor(t, mesh, [Shard(0)])) if d.enabled else (lambda t: t)
+        params = [torch.nn.Parameter(shard(w)) for w in weights]
+        muon = Muon(params, lr=0.02, momentum=0.9, weight_decay=0.1, ns_dtype=torch.float64)
+        ran, newton_schulz = [], optim.newton_schulz
+        optim.newton_schulz = lambda x, **kw: ran.append(tuple(x.shape)) or newton_schulz(x, **kw)
+        try:
+            for step_grads in grads:
+                for p, g in zip(params, step_grads):
+                    p.grad = shard(g)
+                muon.step()
+        finally:
+            optim.newton_schulz = newton_schulz
+        final = [p.detach().full_tensor() if d.enabled else p.detach() for p in params]
+        torch.save({"weights": final, "ran": ran}, out / f"rank{d.rank}.pt")
+    finally:
+        teardown()
+
+
+def test_muon_shares_newton_schulz_out_among_ranks(tmp_path, seed):
+    """On 2 processes each rank orthogonalizes every other matrix, whole, and both end with the
+    weights of one process."""
+    one, two = tmp_path / "one", tmp_path / "two"
+    one.mkdir(), two.mkdir()
+    sharded_muon_worker(seed, one)
+    script = tmp_path / "sharded_muon.py"
+    script.write_text(SHARDED_SCRIPT)
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                             str(script), str(seed), str(two)], cwd=ROOT, env=env, capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    reference = torch.load(one / "rank0.pt")
+    assert reference["ran"] == SHARDED_SHAPES * 2
+    for rank in (0, 1):
+        shared = torch.load(two / f"rank{rank}.pt")
+        assert shared["ran"] == [s for i, s in enumerate(SHARDED_SHAPES) if i % 2 == rank] * 2  # its share, whole
+        for got, expected in zip(shared["weights"], reference["weights"]):
+            torch.testing.assert_close(got, expected, rtol=0, atol=1e-12)
+
+
 # --- training ---------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("optimizer", ["adamw", "muon"])

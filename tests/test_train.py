@@ -1,7 +1,9 @@
 """train.py end to end: smoke run, checkpoints, resume bit-exactness, signals, bad input."""
 import json
 import os
+import re
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -150,6 +152,90 @@ def test_checkpoint_killed_midway_leaves_previous_loadable(tmp_path):
         assert saved_step(run_dir / "checkpoint") <= step
         assert all(torch.all(p == saved_step(run_dir / "checkpoint")) for p in linked.parameters())
         last = step
+
+
+def test_one_run_per_out_dir_and_a_killed_holder_blocks_nothing(corpus, cache_dir, tmp_path):
+    """Two identical launches at once: one trains, the other stops with one line naming it (host, pid,
+    since) and touching nothing; once the holder is SIGKILLed, the requeued command continues the run."""
+    out = tmp_path / "run"
+
+    def command(max_steps):
+        return args(corpus, cache_dir, out, "--resume=auto", "--max_steps", str(max_steps), "--decay_steps", "100000",
+                    "--ckpt_interval", "1", "--eval_interval", "100000", "--log_interval", "100000")
+
+    launches = []
+    for i in range(2):
+        with open(tmp_path / f"{i}.out", "w") as o, open(tmp_path / f"{i}.err", "w") as e:
+            launches.append(subprocess.Popen([sys.executable, "train.py", *command(100000)], cwd=ROOT,
+                                             stdout=o, stderr=e))
+    try:
+        deadline = time.time() + 120
+        while time.time() < deadline and all(p.poll() is None for p in launches):
+            time.sleep(0.05)
+        stopped = [i for i, p in enumerate(launches) if p.poll() is not None]
+        assert len(stopped) == 1, "both launches still run (or both stopped)"
+        loser, winner = launches[stopped[0]], launches[1 - stopped[0]]
+        printed, err = ((tmp_path / f"{stopped[0]}.{kind}").read_text() for kind in ("out", "err"))
+        assert loser.returncode == 2 and printed == ""
+        holder = rf"\(host {re.escape(socket.gethostname())}, pid {winner.pid}, since [^)]+\)"
+        assert re.fullmatch(rf"error: {re.escape(str(out))} is in use by another run {holder}: [^\n]+\n", err), err
+        while time.time() < deadline and latest(out) is None:
+            time.sleep(0.05)
+        assert winner.poll() is None  # it trains on, checkpointing every step
+    finally:
+        for p in launches:
+            if p.poll() is None:
+                p.kill()
+            p.wait()
+    step = json.loads((latest(out) / "trainer.json").read_text())["step"]
+    assert main(command(step + 2)) == 0  # the requeue: the lock died with its holder
+    assert json.loads((latest(out) / "trainer.json").read_text())["step"] == step + 2
+
+
+FILE_SIZE_LIMITED = """
+import resource, runpy, sys
+resource.setrlimit(resource.RLIMIT_FSIZE, (int(sys.argv[1]), int(sys.argv[1])))
+sys.argv = ["train.py", *sys.argv[2:]]
+runpy.run_path("train.py", run_name="__main__")
+"""
+
+
+def test_a_checkpoint_that_cannot_be_written_is_one_line(corpus, cache_dir, tmp_path):
+    """Under a file-size limit (as under a full disk or a quota) the checkpoint write fails: one line naming
+    the folder and the bytes needed, exit status 2, the previous checkpoint untouched and loadable, no
+    half-written one left; --resume then reaches the end as if nothing had happened."""
+    out = tmp_path / "run"
+    command = args(corpus, cache_dir, out, "--decay_steps", "4", "--ckpt_interval", "2")
+    assert main(command + ["--max_steps", "2"]) == 0
+    before = {p: p.read_bytes() for p in latest(out).rglob("*") if p.is_file()}
+    limit = max(len(data) for data in before.values()) // 2  # the sharded state does not fit; logs and plots do
+    result = subprocess.run([sys.executable, "-c", FILE_SIZE_LIMITED, str(limit), *command, "--max_steps", "4",
+                             "--resume"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 2, result.stderr[-3000:]
+    lines = [line for line in re.split(r"[\r\n]", result.stderr) if line.strip() and not line.startswith("training")]
+    assert lines == [lines[-1]] and lines[-1].startswith(f"error: cannot write checkpoint ckpt-0000004 in {out}: "
+                                                         "File too large [EFBIG]; it needs about "), result.stderr
+    assert "ckpt-0000002" in lines[-1]
+    assert latest(out).name == "ckpt-0000002"
+    assert {p: p.read_bytes() for p in latest(out).rglob("*") if p.is_file()} == before
+    assert not [p for p in out.iterdir() if "tmp" in p.name]
+    llm.load(out)
+    assert main(command + ["--max_steps", "4", "--resume"]) == 0
+    assert main(args(corpus, cache_dir, tmp_path / "straight", "--decay_steps", "4", "--max_steps", "4")) == 0
+    assert_bit_identical(weights(tmp_path / "straight"), weights(out))
+
+
+def test_too_little_space_for_a_checkpoint_is_said_before_training(corpus, cache_dir, tmp_path, capsys, monkeypatch):
+    import shutil
+
+    from llm.train.checkpoint import human_bytes
+
+    free = int.from_bytes(os.urandom(2), "little")  # bytes: far less than any checkpoint
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: shutil._ntuple_diskusage(10**12, 10**12 - free, free))
+    assert main(args(corpus, cache_dir, tmp_path / "run", "--max_steps", "1")) == 0
+    warning = [line for line in capsys.readouterr().err.splitlines() if line.startswith("warning:")]
+    assert len(warning) == 1 and "a checkpoint of this run needs about" in warning[0]
+    assert f"has {human_bytes(free)} free" in warning[0]
 
 
 @pytest.mark.parametrize("extra, message", [

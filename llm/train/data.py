@@ -9,10 +9,15 @@
    few documents) with the end-of-sequence token after each document, written
    incrementally and cached by corpus and tokenizer fingerprint; `split_tokens` gives
    the training and validation tokens for a context length.
+   Every cache entry (tokenizer, token files) records its files' sizes and checksums and is
+   checked before use; a damaged one is rebuilt with a note, never read. An entry is built
+   under a file lock: one process builds it, the others (of this job, of another job, on
+   another node sharing cache_dir) wait for it.
 3. `train_windows` draws random windows of block_size + 1 tokens from a generator
    seeded by (seed, step, micro-batch index): any run that reaches a step sees the
    same data there, whether resumed or spread over more processes.
 """
+import contextlib
 import glob
 import hashlib
 import itertools
@@ -20,6 +25,7 @@ import json
 import math
 import os
 import shutil
+import sys
 import sysconfig
 import tempfile
 from collections.abc import Iterator
@@ -30,6 +36,7 @@ import numpy as np
 from tqdm import tqdm
 
 from llm.errors import UserError
+from llm.files import lock, lock_holder, sha256_file, write_json
 from llm.model.tokenizer import Tokenizer
 
 ROW_FORMATS = {".jsonl": "json", ".json": "json", ".parquet": "parquet"}  # rows with a `text` field
@@ -142,24 +149,90 @@ def nonempty(corpus: Corpus, docs: Iterator[str]) -> Iterator[str]:
     return itertools.chain([first], docs)
 
 
+# --- caches ------------------------------------------------------------------------------
+
+@contextlib.contextmanager
+def cache_entry(folder: Path):
+    """Holds the lock of a cache entry (cache_dir/<kind>/<key>, locked as cache_dir/.locks/<kind>-<key>)
+    while the block checks or builds it."""
+    locks = folder.parent.parent / ".locks"
+    locks.mkdir(parents=True, exist_ok=True)
+    path = locks / f"{folder.parent.name}-{folder.name}"
+    held = lock(path, wait=False)
+    if held is None:
+        print(f"waiting for another process to build {folder} ({lock_holder(path)})")
+        held = lock(path, wait=True)
+    with held:
+        held.write_holder()
+        yield held
+
+
+def digest(meta: dict) -> str:
+    return hashlib.sha256(json.dumps(meta, sort_keys=True).encode()).hexdigest()
+
+
+def write_meta(folder: Path, meta: dict, files: list[str]):
+    """meta.json: what the entry holds, each file's size and checksum, and its own checksum."""
+    meta = {**meta, "files": {name: {"bytes": (folder / name).stat().st_size, "sha256": sha256_file(folder / name)}
+                              for name in files}}
+    write_json(folder / "meta.json", {**meta, "sha256": digest(meta)})
+
+
+def cache_problem(folder: Path, checksum: bool) -> str | None:
+    """What is wrong with a cache entry, or None: sizes always, file contents when checksum."""
+    try:
+        meta = json.loads((folder / "meta.json").read_text())
+        recorded = meta.pop("sha256")
+    except (OSError, ValueError, KeyError, AttributeError, TypeError):
+        return "meta.json is missing or unreadable"
+    if recorded != digest(meta):
+        return "meta.json does not match its checksum"
+    for name, record in meta["files"].items():
+        path = folder / name
+        size = path.stat().st_size if path.is_file() else None
+        if size != record["bytes"]:
+            return f"{name} holds {'no file' if size is None else f'{size:,} bytes'}, {record['bytes']:,} when written"
+        if checksum and sha256_file(path) != record["sha256"]:
+            return f"{name} does not match its checksum"
+    return None
+
+
+def reusable(folder: Path, checksum: bool, what: str) -> bool:
+    """Whether a cache entry that exists is whole; a damaged one is removed, with a note."""
+    problem = cache_problem(folder, checksum)
+    if problem is None:
+        return True
+    print(f"note: the cached {what} in {folder} failed its check ({problem}): building it again", file=sys.stderr)
+    shutil.rmtree(folder)
+    return False
+
+
 # --- tokenizer ----------------------------------------------------------------------------
 
-def train_or_load_tokenizer(corpus: Corpus, vocab_size: int, cache_dir: Path, max_bytes: int) -> Tokenizer:
+TOKENIZER_FORMAT = 2  # part of the cache key: entries without checksums are not read
+
+
+def train_or_load_tokenizer(corpus: Corpus, vocab_size: int, cache_dir: Path, max_bytes: int,
+                            checksum: bool = True) -> Tokenizer:
     """Train a tokenizer on (the first max_bytes of) the corpus, or reuse the cached one."""
-    key = hashlib.sha256(f"{corpus.fingerprint}:{vocab_size}:{max_bytes}".encode()).hexdigest()[:16]
-    path = cache_dir / "tokenizers" / key / "tokenizer.json"
-    if path.exists():
-        return Tokenizer.from_file(path)
-    docs = tqdm(nonempty(corpus, corpus.documents(max_bytes)), desc="training tokenizer", unit=" docs", leave=False)
-    tokenizer = Tokenizer.train(docs, vocab_size)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tokenizer.save(path)
+    key = f"{corpus.fingerprint}:{vocab_size}:{max_bytes}:{TOKENIZER_FORMAT}"
+    key = hashlib.sha256(key.encode()).hexdigest()[:16]
+    folder = cache_dir / "tokenizers" / key
+    with cache_entry(folder):
+        if folder.exists() and reusable(folder, checksum, "tokenizer"):
+            return Tokenizer.from_file(folder / "tokenizer.json")
+        docs = tqdm(nonempty(corpus, corpus.documents(max_bytes)), desc="training tokenizer", unit=" docs", leave=False)
+        tokenizer = Tokenizer.train(docs, vocab_size)
+        folder.mkdir(parents=True, exist_ok=True)
+        tokenizer.save(folder / "tokenizer.json")
+        write_meta(folder, {"corpus": corpus.name, "vocab_size": vocab_size}, ["tokenizer.json"])
+    print(f"trained a tokenizer of {tokenizer.vocab_size:,} tokens on {corpus.name} (cached in {folder})")
     return tokenizer
 
 
 # --- packed token files -----------------------------------------------------------------------
 
-TOKENS_FORMAT = 2  # part of the cache key: caches written by an older layout are not read
+TOKENS_FORMAT = 3  # part of the cache key: caches written by an older layout are not read
 MIN_VAL_DOCS = 10  # fewer validation documents than this, and the split is by tokens instead
 PIECE_CHARS = 1 << 20  # longer documents are encoded in pieces (in parallel, in bounded memory)
 
@@ -181,8 +254,10 @@ class TokenSplits:
     how: str  # how validation was taken, for the log
 
 
-def prepare_tokens(corpus: Corpus, tokenizer: Tokenizer, cache_dir: Path, val_fraction: float) -> Path:
-    """Tokenize the corpus into cache_dir/tokens/<key>/, unless already there; returns that folder.
+def prepare_tokens(corpus: Corpus, tokenizer: Tokenizer, cache_dir: Path, val_fraction: float,
+                   checksum: bool = True) -> Path:
+    """Tokenize the corpus into cache_dir/tokens/<key>/, unless already there (and whole: sizes
+    always, contents too when checksum); returns that folder.
 
     A corpus of many documents is split by document (every 1/val_fraction-th one to validation:
     train.bin, val.bin). One with fewer than MIN_VAL_DOCS / val_fraction documents (one text file,
@@ -194,19 +269,25 @@ def prepare_tokens(corpus: Corpus, tokenizer: Tokenizer, cache_dir: Path, val_fr
     key = f"{corpus.fingerprint}:{tokenizer.fingerprint()}:{val_fraction}:{TOKENS_FORMAT}"
     key = hashlib.sha256(key.encode()).hexdigest()[:16]
     final = cache_dir / "tokens" / key
-    if not (final / "meta.json").exists():
+    with cache_entry(final) as held:
+        if final.exists() and reusable(final, checksum, "tokens"):
+            return final
         final.parent.mkdir(parents=True, exist_ok=True)
+        if held.fd is not None:  # a crashed builder's leftovers; without a lock they may be another's work
+            for old in final.parent.glob(f".{key}.*"):
+                shutil.rmtree(old, ignore_errors=True)
         tmp = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{key}."))
         try:
             meta = write_tokens(corpus, tokenizer, tmp, val_fraction)
-            meta["corpus"] = corpus.name
-            (tmp / "meta.json").write_text(json.dumps(meta, indent=2))
+            write_meta(tmp, {**meta, "corpus": corpus.name}, sorted(p.name for p in tmp.glob("*.bin")))
             try:
-                os.rename(tmp, final)  # atomic; fails if another process finished first
+                os.rename(tmp, final)  # atomic; fails if another process finished first (no working lock)
             except OSError:
                 pass
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
+    total = meta.get("tokens", meta.get("train_tokens", 0) + meta.get("val_tokens", 0))
+    print(f"tokenized {corpus.name}: {total:,} tokens (cached in {final})")
     return final
 
 

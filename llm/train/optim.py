@@ -13,7 +13,8 @@ settings, not those its restored optimizer state carries. `lr_multiplier` is the
 import math
 
 import torch
-from torch.distributed.tensor import DTensor, distribute_tensor
+import torch.distributed as dist
+from torch.distributed.tensor import DTensor, Shard, distribute_tensor
 
 from llm.config import TrainConfig
 
@@ -38,13 +39,54 @@ def newton_schulz(g: torch.Tensor, steps: int = NS_STEPS, dtype: torch.dtype = t
     return (x.T if tall else x).to(g.dtype)
 
 
-def orthogonalize(update: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """newton_schulz, also for an FSDP-sharded DTensor: Newton–Schulz needs the whole matrix, so
-    every rank gathers it, orthogonalizes it and keeps its own shard of the (identical) result."""
-    if not isinstance(update, DTensor):
-        return newton_schulz(update, dtype=dtype)
-    full = newton_schulz(update.full_tensor(), dtype=dtype)
-    return distribute_tensor(full, update.device_mesh, update.placements, src_data_rank=None)
+def orthogonalize(updates: list[torch.Tensor], dtype: torch.dtype) -> list[torch.Tensor]:
+    """newton_schulz of each update. Newton–Schulz needs the whole matrix: FSDP's row-sharded
+    DTensors are shared out among the ranks in rounds of world_size, each rank orthogonalizing one
+    matrix of a round whole (`orthogonalize_round`); any other DTensor layout is gathered on every rank."""
+    first = next((u for u in updates if isinstance(u, DTensor)), None)
+    sharded = [i for i, u in enumerate(updates) if isinstance(u, DTensor) and u.device_mesh == first.device_mesh
+               and u.device_mesh.ndim == 1 and tuple(u.placements) == (Shard(0),) and u.dtype == first.dtype]
+    results = [None] * len(updates)
+    for i, u in enumerate(updates):
+        if i in sharded:
+            continue
+        if isinstance(u, DTensor):
+            full = newton_schulz(u.full_tensor(), dtype=dtype)
+            results[i] = distribute_tensor(full, u.device_mesh, u.placements, src_data_rank=None)
+        else:
+            results[i] = newton_schulz(u, dtype=dtype)
+    size = first.device_mesh.size() if sharded else 1
+    for start in range(0, len(sharded), size):
+        batch = sharded[start : start + size]
+        for i, result in zip(batch, orthogonalize_round([updates[i] for i in batch], dtype)):
+            results[i] = result
+    return results
+
+
+def shard_rows(rows: int, size: int) -> list[int]:
+    """The rows each rank holds of a matrix split as torch.chunk splits (the last ranks may hold none)."""
+    chunk = -(-rows // size)
+    return [max(0, min(rows, (k + 1) * chunk) - k * chunk) for k in range(size)]
+
+
+def orthogonalize_round(batch: list[DTensor], dtype: torch.dtype) -> list[DTensor]:
+    """Rank j orthogonalizes batch[j] (at most one matrix per rank): one all-to-all brings rank j
+    every rank's rows of it, a second returns each rank its rows of every result."""
+    mesh = batch[0].device_mesh
+    group, size, me = mesh.get_group(), mesh.size(), mesh.get_local_rank()
+    local = [u.to_local().reshape(-1) for u in batch]
+    assert all(u.to_local().shape[0] == shard_rows(u.shape[0], size)[me] for u in batch), "not torch.chunk's rows"
+    sent = [t.numel() for t in local] + [0] * (size - len(batch))  # my rows of matrix j go to rank j
+    mine = batch[me] if me < len(batch) else None
+    received = [r * mine.shape[1] for r in shard_rows(mine.shape[0], size)] if mine is not None else [0] * size
+    send = torch.cat(local)
+    gathered = send.new_empty(sum(received))
+    dist.all_to_all_single(gathered, send, received, sent, group=group)
+    result = newton_schulz(gathered.view(mine.shape), dtype=dtype).reshape(-1) if mine is not None else gathered
+    back = send.new_empty(send.numel())
+    dist.all_to_all_single(back, result, sent, received, group=group)
+    return [DTensor.from_local(piece.view(u.to_local().shape), mesh, u.placements, shape=u.shape, stride=u.stride())
+            for piece, u in zip(back.split(sent[: len(batch)]), batch)]
 
 
 class Muon(torch.optim.Optimizer):
@@ -73,8 +115,10 @@ class Muon(torch.optim.Optimizer):
     all-gather suffices.
 
     Under FSDP2 the parameters, gradients and momentum buffers are DTensors sharded on dim 0:
-    the elementwise work stays sharded, and `orthogonalize` gathers each update once. The
-    buffers stay sharded, so torch.distributed.checkpoint saves and reshards them like AdamW's.
+    the elementwise work stays sharded, and `orthogonalize` shares the matrices out, each rank
+    running Newton–Schulz on 1/world_size of them, whole (as the distributed Muon implementations
+    do), instead of every rank repeating all of them. The buffers stay sharded, so
+    torch.distributed.checkpoint saves and reshards them like AdamW's.
 
     ns_dtype: the precision of Newton–Schulz (see make_optimizers). An attribute, not a group
     setting, so a checkpoint does not carry it to another device.
@@ -97,15 +141,16 @@ class Muon(torch.optim.Optimizer):
                 loss = closure()
         for group in self.param_groups:
             lr, mu, wd = group["lr"], group["momentum"], group["weight_decay"]
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
+            params = [p for p in group["params"] if p.grad is not None]
+            updates = []
+            for p in params:
                 state = self.state[p]
                 if "momentum_buffer" not in state:
                     state["momentum_buffer"] = torch.zeros_like(p.grad)
                 buf = state["momentum_buffer"]
                 buf.lerp_(p.grad, 1 - mu)
-                update = orthogonalize(p.grad.lerp(buf, mu), self.ns_dtype)
+                updates.append(p.grad.lerp(buf, mu))
+            for p, update in zip(params, orthogonalize(updates, self.ns_dtype)):
                 rows, cols = p.shape  # the full shape, also for a DTensor shard
                 p.mul_(1 - lr * wd)
                 p.add_(update, alpha=-lr * math.sqrt(max(1.0, rows / cols)))

@@ -1,7 +1,9 @@
 """A run prepared once, before its first step, into one value the training loop reads.
 
-    prepare(config, resume, d) -> PreparedRun
-        out_dir checked         the run directory may be written, and is not another run's
+    claim_out_dir(config, resume, d)   before prepare, for the whole job: locked and checked
+        out_dir claimed         one job per run directory; it may be written, and is not another run's
+
+    prepare(config, resume, d, out) -> PreparedRun
         tokenizer and data      from the checkpoint, a file, or trained; tokenized and cached
         model                   new, from --init_from's weights, or the checkpoint's
         dtype                   --dtype, `auto` decided once per run (llm/runtime.py)
@@ -14,6 +16,8 @@ Everything that can fail on bad input fails here, before a step runs and before 
 user had is touched.
 """
 import contextlib
+import shutil
+import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -28,7 +32,7 @@ from llm.model.tokenizer import Tokenizer
 from llm.model.transformer import Transformer
 from llm.train import out_dir
 from llm.train.batches import WindowBatches
-from llm.train.checkpoint import Progress, Resume, load_training_state
+from llm.train.checkpoint import Progress, Resume, checkpoint_bytes, human_bytes, load_training_state
 from llm.train.data import open_corpus, prepare_tokens, split_tokens, train_or_load_tokenizer
 from llm.train.distributed import Dist, any_rank, parallelize, sum_across_ranks
 from llm.train.metrics import MetricsLog, flops_per_token, peak_flops
@@ -55,8 +59,26 @@ class PreparedRun:
     peak_flops: float | None  # of one device, where known (bf16 on CUDA): for MFU
 
 
-def prepare(config: RunConfig, resume: Resume | None, d: Dist) -> PreparedRun:
-    out = out_dir.check(config) if d.is_main else Path(config.launch.out_dir).expanduser()
+@contextlib.contextmanager
+def claim_out_dir(config: RunConfig, resume: Resume | None, d: Dist):
+    """Yields out_dir, locked for the job until the block ends. Under torchrun the first process
+    claims it for the job, and if it cannot, every process stops."""
+    out, held, error = Path(config.launch.out_dir).expanduser(), None, None
+    if d.is_main:
+        try:
+            out, held = out_dir.claim(config, resume)
+        except UserError as e:
+            error = e
+    if any_rank(error is not None, d):
+        raise error or UserError("the first process could not claim out_dir (its error is above)")
+    try:
+        yield out
+    finally:
+        if held is not None:
+            held.release()
+
+
+def prepare(config: RunConfig, resume: Resume | None, d: Dist, out: Path) -> PreparedRun:
     init_from = Path(config.launch.init_from).expanduser() if config.launch.init_from else None
     tokenizer, batches, data_line = prepare_data(config, d, resume.checkpoint if resume else init_from)
 
@@ -74,6 +96,8 @@ def prepare(config: RunConfig, resume: Resume | None, d: Dist) -> PreparedRun:
     optimizers = make_optimizers(model, config.train, d.device, dtype.value)
     if resume is not None:
         load_training_state(resume.checkpoint, model, optimizers)
+    if d.is_main:
+        warn_if_no_room(out, checkpoint_bytes(model, optimizers))
     use_autocast = dtype.value != torch.float32 and not d.enabled
 
     if d.is_main and config.launch.overwrite:  # everything is ready: only now may an old run make way
@@ -101,12 +125,22 @@ def prepare(config: RunConfig, resume: Resume | None, d: Dist) -> PreparedRun:
         peak_flops=peak_flops(d.device) if dtype.value == torch.bfloat16 else None)
 
 
+def warn_if_no_room(out: Path, needed: int):
+    """Say before the first step, not at the first checkpoint, that out_dir's disk is too full."""
+    free = shutil.disk_usage(out).free
+    if free < needed:
+        print(f"warning: a checkpoint of this run needs about {human_bytes(needed)} and {out} has {human_bytes(free)} "
+              "free: saving will fail unless space is made", file=sys.stderr)
+
+
 def prepare_data(config: RunConfig, d: Dist, source: Path | None) -> tuple[Tokenizer, WindowBatches, str]:
     """The run's tokenizer (from `source`, a checkpoint to resume or initialize from; else
     --tokenizer; else trained on the corpus) and its batches.
 
-    Under torchrun the first process of each node builds the caches while the others wait; if
-    it fails, the others stop too instead of waiting forever.
+    Under torchrun the first process of each node checks the caches (sizes and checksums) or
+    builds them while the others wait, then they check sizes only. Each cache entry is built under
+    a file lock, so with a shared cache_dir one node builds it and the others wait. If the first
+    process fails, the others stop too instead of waiting forever.
     """
     cfg = config.train
     cache_dir = Path(config.runtime.cache_dir).expanduser()
@@ -118,22 +152,23 @@ def prepare_data(config: RunConfig, d: Dist, source: Path | None) -> tuple[Token
     else:
         tokenizer = None
 
-    def build():
-        tok = tokenizer or train_or_load_tokenizer(corpus, config.model.vocab_size, cache_dir, cfg.tokenizer_train_bytes)
+    def build(checksum: bool):
+        vocab_size = config.model.vocab_size
+        tok = tokenizer or train_or_load_tokenizer(corpus, vocab_size, cache_dir, cfg.tokenizer_train_bytes, checksum)
         if tok.vocab_size > config.model.vocab_size:
             raise UserError(f"the tokenizer has {tok.vocab_size} tokens but vocab_size is {config.model.vocab_size}: "
                             f"pass --vocab_size {tok.vocab_size} (or more)")
-        return tok, prepare_tokens(corpus, tok, cache_dir, cfg.val_fraction)
+        return tok, prepare_tokens(corpus, tok, cache_dir, cfg.val_fraction, checksum)
 
     error = None
     if d.local_rank == 0:
         try:
-            built = build()
+            built = build(checksum=True)
         except UserError as e:
             error = e
     if any_rank(error is not None, d):
         raise error or UserError("another process failed while preparing the data (its error is above)")
-    tokenizer, token_dir = built if d.local_rank == 0 else build()
+    tokenizer, token_dir = built if d.local_rank == 0 else build(checksum=False)
     splits = split_tokens(token_dir, config.model.block_size)
     line = (f"data: {splits.meta['corpus']}: {len(splits.train):,} training, {len(splits.val):,} validation tokens "
             f"(validation: {splits.how})")

@@ -26,7 +26,7 @@ from llm.train import checkpoint, out_dir
 from llm.train.checkpoint import Resume
 from llm.train.distributed import any_rank, barrier, setup, sum_across_ranks, teardown, total_across_ranks
 from llm.train.optim import lr_multiplier, set_hyperparameters
-from llm.train.prepare import PreparedRun, prepare
+from llm.train.prepare import PreparedRun, claim_out_dir, prepare
 
 
 def train(config: RunConfig, resume: Resume | None = None) -> int:
@@ -34,9 +34,9 @@ def train(config: RunConfig, resume: Resume | None = None) -> int:
     keep_freed_memory()
     d = setup(config.runtime.device)
     try:
-        with StopSignal() as stop:
-            status = loop(prepare(config, resume, d), stop)
-        barrier(d)  # no process tears the group down while another still talks to it
+        with claim_out_dir(config, resume, d) as out, StopSignal() as stop:
+            status = loop(prepare(config, resume, d, out), stop)
+            barrier(d)  # no process tears the group down while another still talks to it
         return status
     finally:
         teardown()
@@ -70,7 +70,7 @@ def loop(run: PreparedRun, stop: "StopSignal") -> int:
             log_validation(run, clock.read(), bar)
         interrupted = any_rank(stop.signum is not None, d)
         if progress.step % rt.ckpt_interval == 0 or last or interrupted:
-            save(run, clock.read())
+            save(run, clock.read(), bar)
         clock.resume()
         if interrupted:
             break
@@ -169,10 +169,14 @@ def log_validation(run: PreparedRun, now: float, bar):
                   f"{val['val_bpb']:.4f} bits per byte")
 
 
-def save(run: PreparedRun, train_seconds: float):
+def save(run: PreparedRun, train_seconds: float, bar):
     run.progress.train_seconds = train_seconds
     run.progress.wandb_id = run.metrics.wandb_id
-    checkpoint.save(run.out, run.progress, run.model, run.optimizers, run.tokenizer, run.config, run.d)
+    try:
+        checkpoint.save(run.out, run.progress, run.model, run.optimizers, run.tokenizer, run.config, run.d)
+    except UserError:  # no room: the one line goes below the bar, not onto it
+        bar.close()
+        raise
     if run.d.is_main:
         out_dir.drop_old_runs(run.out)  # an old run set aside by --overwrite goes once this one has a checkpoint
 

@@ -22,7 +22,7 @@ import torch
 
 from llm.errors import ArgumentParser, UserError, exit_on_user_error
 from llm.files import sync_dir
-from llm.formats.hf import check_exportable, write_llama
+from llm.formats.hf import check_exportable, write_hf
 from llm.formats.load import load
 from llm.formats.run_dir import holds_run
 
@@ -68,7 +68,7 @@ def export(ckpt, out, overwrite: bool = False) -> Path:
         raise UserError(f"cannot create --out {out}: {e.strerror or e}")
     old = None
     try:
-        write_llama(model, tokenizer, tmp)
+        write_hf(model, tokenizer, tmp)
         sync_dir(tmp)
         if out.exists():
             old = tmp.with_name(f".{out.name}.old-{secrets.token_hex(4)}")

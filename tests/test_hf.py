@@ -122,7 +122,8 @@ FAMILY_CASES = {  # name -> (model_type, config overrides, what our config must 
     "llama_linear": ("llama", dict(rope_parameters={"rope_type": "linear", "factor": 3.0, "rope_theta": 5e4}),
                      dict(rope_scaling={"rope_type": "linear", "factor": 3.0})),
     "mistral": ("mistral", dict(sliding_window=16, head_dim=16), dict(sliding_window=16)),
-    "qwen2_tied": ("qwen2", dict(tie_word_embeddings=True), dict(qkv_bias=True, tie_embeddings=True, sliding_window=None)),
+    "qwen2_tied": ("qwen2", dict(tie_word_embeddings=True),
+                   dict(qkv_bias=True, tie_embeddings=True, sliding_window=None)),
     "qwen2_untied_yarn": ("qwen2", dict(rope_parameters={"rope_type": "yarn", "factor": 4.0, "rope_theta": 1e4,
                                                          "original_max_position_embeddings": 32}),
                           dict(qkv_bias=True, tie_embeddings=False)),
@@ -144,9 +145,8 @@ def long_ids(vocab_size: int, batch=2) -> torch.Tensor:
     return torch.randint(0, vocab_size, (batch, int(torch.randint(72, 129, ()))))
 
 
-@pytest.fixture(scope="module")
-def family_dirs(tmp_path_factory, tokenizer):
-    """Each family's directory, built once; the bf16 and sharded variants are Qwen2's."""
+def make_family_dirs(tmp_path_factory, tokenizer) -> dict[str, Path]:
+    """Each family's directory; the bf16 and sharded variants are Qwen2's."""
     fresh_seed()
     dirs = {}
     for case, (model_type, overrides, _) in FAMILY_CASES.items():
@@ -158,6 +158,11 @@ def family_dirs(tmp_path_factory, tokenizer):
     qwen2 = hf_family(tokenizer, "qwen2").to(torch.bfloat16)
     dirs["qwen2_bf16_sharded"] = save_hf(qwen2, tokenizer, tmp_path_factory.mktemp("sharded"), max_shard_size="40KB")
     return dirs
+
+
+@pytest.fixture(scope="module")
+def family_dirs(tmp_path_factory, tokenizer):
+    return make_family_dirs(tmp_path_factory, tokenizer)
 
 
 def reference(path: Path):

@@ -268,7 +268,8 @@ def test_label_smoothing_raises_the_floor(seed):
     (dict(rope_scaling={"rope_type": "linear", "factor": 2, "beta": 1}), "linear: unsupported parameter(s) beta"),
     (dict(rope_scaling={"rope_type": "llama3", "factor": 8, "low_freq_factor": 4, "high_freq_factor": 1,
                         "original_max_position_embeddings": 64}), "high_freq_factor must exceed low_freq_factor"),
-    (dict(rope_scaling={"rope_type": "linear", "factor": 2}, pos_embedding="learned"), "rope_scaling needs pos_embedding=rope"),
+    (dict(rope_scaling={"rope_type": "linear", "factor": 2}, pos_embedding="learned"),
+     "rope_scaling needs pos_embedding=rope"),
 ])
 def test_invalid_model_configs(bad, message):
     with pytest.raises(UserError, match=re.escape(message) if "(" in message else message):

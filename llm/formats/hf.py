@@ -288,7 +288,8 @@ def family(config: ModelConfig) -> str:
         return "qwen2"
     if config.sliding_window is not None:
         if config.bias:
-            raise UserError("cannot export: sliding_window with bias (Mistral, the family with a window, has no biases)")
+            raise UserError("cannot export: sliding_window with bias (Mistral, the family with a window, "
+                            "has no biases)")
         return "mistral"
     return "llama"
 

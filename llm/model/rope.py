@@ -131,7 +131,8 @@ def inverse_frequencies(head_dim: int, theta: float, scaling: dict | None = None
     return inv_freq, 1.0
 
 
-def rope_cache(max_len: int, head_dim: int, theta: float, scaling: dict | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def rope_cache(max_len: int, head_dim: int, theta: float,
+               scaling: dict | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """cos and sin tables of shape (max_len, head_dim), computed once in float64, stored in fp32."""
     inv_freq, scale = inverse_frequencies(head_dim, theta, scaling)
     angles = torch.outer(torch.arange(max_len, dtype=torch.float64), inv_freq)

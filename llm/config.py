@@ -202,7 +202,8 @@ class LaunchConfig:
     resume: str = option("false", "continue the run in out_dir (--resume); auto: continue it if it has a checkpoint, "
                                   "else start it (the same command serves the first start and every requeue)", flag=True)
     overwrite: bool = option(False, "replace a run already in out_dir (once the new one is ready to start)")
-    init_from: str | None = option(None, "start from this run's (or Hugging Face directory's) weights with a fresh optimizer")
+    init_from: str | None = option(None, "start from the weights of this run, Hugging Face directory or GGUF file, "
+                                         "with a fresh optimizer")
 
     def __post_init__(self):
         resume = str(self.resume).lower()

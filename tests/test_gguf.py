@@ -16,6 +16,7 @@ from tokenizers import Regex, decoders, models, normalizers, pre_tokenizers, pro
 from tokenizers import Tokenizer as HFTokenizer
 
 import llm
+from llm.config import ModelConfig
 from llm.errors import UserError
 from llm.eval import main as eval_main
 from llm.export import main as export_main
@@ -25,6 +26,7 @@ from llm.formats.gguf_tokenizer import add_tokenizer
 from llm.formats.load import chat_template
 from llm.infer.generate import Sampling, generate
 from llm.model.tokenizer import EOT, Tokenizer
+from llm.model.transformer import Transformer
 from sample import main as sample_main
 from tests.test_hf import FAMILY_CASES, LLAMA3, TEXT, make_family_dirs, our_model, write_run
 from train import main as train_main
@@ -60,12 +62,14 @@ def same_weights(a, b) -> bool:
 
 
 @pytest.mark.parametrize("case", ROUND_TRIP_CASES)
-def test_ours_to_gguf_and_back_exactly(case, tokenizer, tmp_path, seed):
+def test_ours_to_gguf_and_back_exactly(case, tokenizer, tmp_path, capsys, seed):
     """f32 GGUF -> llm.load: the very same weights, config, tokenizer and chat template."""
     model = our_model(tokenizer, **ROUND_TRIP_CASES[case])
     run = write_run(tmp_path / "run", model, tokenizer)
     (run / "chat_template.jinja").write_text("{% for m in messages %}{{ m['content'] }}{% endfor %}")
     path = export(run, tmp_path / "model.gguf")
+    warned = "note: llama.cpp ignores the sliding window of 8 tokens" in capsys.readouterr().err
+    assert warned == (model.config.sliding_window is not None)
     reloaded, tok = llm.load(path)
     assert reloaded.config == model.config
     assert same_weights(reloaded.state_dict(), model.state_dict())
@@ -132,11 +136,13 @@ def test_quantized_tensors_read_within_their_bounds(qtype, tokenizer, tmp_path, 
 
 
 def test_q8_0_export_verifies(tokenizer, tmp_path, capsys, seed):
-    """--verify reads the q8_0 file back: logits within the stated q8_0 tolerance."""
-    run = write_run(tmp_path / "run", our_model(tokenizer, block_size=128), tokenizer)
+    """--verify reads the q8_0 file back: logits within the stated q8_0 tolerance (a freshly
+    initialized model: random weights of 0.1 are rougher on quantization than trained ones)."""
+    model = Transformer(ModelConfig(vocab_size=tokenizer.vocab_size, block_size=128, n_layer=2, n_head=4, d_model=64))
+    run = write_run(tmp_path / "run", model, tokenizer)
     export(run, tmp_path / "model.gguf", "--outtype", "q8_0", "--verify")
     out = capsys.readouterr().out
-    assert re.search(r"verify \(our gguf reader, q8_0\): max \|Δlogit\| = \S+ .*tolerance 0.04\).*: ok", out), out
+    assert re.search(r"verify \(our gguf reader, q8_0\): max \|Δlogit\| = \S+ .*tolerance 0.05\).*: ok", out), out
     info = {t.name: t.tensor_type for t in gguf_format.reader(tmp_path / "model.gguf").tensors}
     assert info["blk.0.attn_q.weight"] == QTYPE.Q8_0 and info["blk.0.attn_norm.weight"] == QTYPE.F32
 

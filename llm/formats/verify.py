@@ -21,8 +21,9 @@ from llm.model.transformer import Transformer
 PROMPT = ('def fibonacci(n):\n    """Return the n-th Fibonacci number."""\n    a, b = 0, 1\n'
           '    for _ in range(n):\n        a, b = b, a + b\n    return a\n\n\nclass Stack:\n')
 GREEDY_TOKENS = 64
-# outtype -> the largest |Δlogit| that passes, as a fraction of the largest |logit|
-TOLERANCES = {"f32": 1e-5, "f16": 1e-2, "bf16": 4e-2, "q8_0": 4e-2}
+# outtype -> the largest |Δlogit| that passes, as a fraction of the largest |logit|: about ten times what
+# a trained tiny run and freshly initialized models show (f16 3e-4, bf16 2e-3, q8_0 5e-3; docs/formats.md)
+TOLERANCES = {"f32": 1e-5, "f16": 5e-3, "bf16": 2e-2, "q8_0": 5e-2}
 
 
 @dataclass

@@ -210,6 +210,24 @@ def test_families_greedy_through_sample_py(case, family_dirs, tokenizer, capsys,
     assert ours == out
 
 
+@pytest.mark.parametrize("case", ["llama3", "qwen2_untied_yarn"])
+def test_transformers_4_config_files(case, family_dirs, tmp_path, seed):
+    """The same checkpoints as transformers 4.x wrote them: rope_scaling ("type" in older files)
+    and a top-level rope_theta instead of rope_parameters: the same model."""
+    old = Path(shutil.copytree(family_dirs[case], tmp_path / case))
+    config = json.loads((old / "config.json").read_text())
+    params = config.pop("rope_parameters")
+    theta, kind = params.pop("rope_theta"), params.pop("rope_type")
+    config.update(rope_theta=theta, rope_scaling={**params, "type" if kind == "yarn" else "rope_type": kind})
+    config.pop("layer_types", None)
+    (old / "config.json").write_text(json.dumps(config))
+    model, _ = llm.load(old)
+    assert model.config == llm.load(family_dirs[case])[0].config
+    with torch.no_grad():
+        ids = long_ids(model.config.vocab_size)
+        assert (model(ids) - reference(family_dirs[case])(ids).logits).abs().max().item() <= TOLERANCE
+
+
 # ---------------------------------------------------------------- Hugging Face -> ours
 
 IMPORT_CASES = {

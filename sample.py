@@ -1,4 +1,4 @@
-"""Sample completions from a checkpoint (a run directory or a Hugging Face Llama directory).
+"""Sample completions from a checkpoint (a run directory, a Hugging Face directory or a GGUF file).
 
     python sample.py --ckpt out --prompt "def fib(n):" --max_new_tokens 200 --temperature 0.8 --top_k 200
     echo "import os" | python sample.py --prompt - --temperature 0     # greedy, prompt from stdin
@@ -22,7 +22,7 @@ from llm.infer.viz import check_layer_and_head, save_attention_map
 
 def parse(argv):
     p = ArgumentParser(description=__doc__.splitlines()[0], formatter_class=HelpFormatter)
-    p.add_argument("--ckpt", default="out", help="run directory, checkpoint folder or Hugging Face directory")
+    p.add_argument("--ckpt", default="out", help="run directory, checkpoint folder, Hugging Face directory or GGUF file")
     p.add_argument("--prompt", action="append", help="prompt text, '-' for stdin; repeat for a batch")
     p.add_argument("--prompt_file", action="append", help="a file whose whole text is one prompt; repeatable")
     p.add_argument("--num_samples", type=int, default=1, help="completions per prompt")

@@ -7,6 +7,7 @@ Field names are the command-line names.
 """
 import argparse
 import difflib
+import json
 import math
 import sys
 import tomllib
@@ -16,6 +17,7 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 from llm.model.attention import BACKENDS
+from llm.model.rope import check_scaling
 from llm.errors import ArgumentParser, UserError
 
 
@@ -52,7 +54,12 @@ class ModelConfig:
     ffn: str = option("swiglu", "swiglu | gelu")
     pos_embedding: str = option("rope", "rope | learned | sinusoidal")
     rope_theta: float = option(10000.0, "RoPE base")
+    rope_scaling: dict | None = option(None, "RoPE frequency scaling, as transformers' rope_parameters: "
+                                             '{"rope_type": "linear" | "llama3" | "yarn", "factor": ..., ...} '
+                                             "(llm/model/rope.py)")
     bias: bool = option(False, "biases in linear layers and LayerNorm")
+    qkv_bias: bool = option(False, "biases on the query/key/value projection only (Qwen2)")
+    qk_norm: bool = option(False, "RMSNorm over each head of the queries and keys, before RoPE (Qwen3)")
     tie_embeddings: bool = option(True, "share the input embedding with the output projection")
     sliding_window: int | None = option(None, "sliding-window attention: each query sees this many keys, itself "
                                               "included (Mistral); default: every earlier key")
@@ -78,6 +85,9 @@ class ModelConfig:
         if self.ffn_hidden is None:
             hidden = 4 * self.d_model if self.ffn == "gelu" else 8 * self.d_model // 3
             self.ffn_hidden = 64 * math.ceil(hidden / 64)
+        self.rope_scaling = check_scaling(self.rope_scaling)
+        if self.rope_scaling and self.pos_embedding != "rope":
+            raise UserError(f"rope_scaling needs pos_embedding=rope, got {self.pos_embedding!r}")
         if self.sliding_window is not None and self.sliding_window <= 0:
             raise UserError(f"sliding_window must be positive, got {self.sliding_window}")
         if self.ffn_hidden <= 0:
@@ -192,7 +202,8 @@ class LaunchConfig:
     resume: str = option("false", "continue the run in out_dir (--resume); auto: continue it if it has a checkpoint, "
                                   "else start it (the same command serves the first start and every requeue)", flag=True)
     overwrite: bool = option(False, "replace a run already in out_dir (once the new one is ready to start)")
-    init_from: str | None = option(None, "start from this run's (or Hugging Face directory's) weights with a fresh optimizer")
+    init_from: str | None = option(None, "start from the weights of this run, Hugging Face directory or GGUF file, "
+                                         "with a fresh optimizer")
 
     def __post_init__(self):
         resume = str(self.resume).lower()
@@ -268,6 +279,8 @@ def parse_value(key: str, text: str):
             if text.lower() in ("0", "false", "no", "off"):
                 return False
             raise ValueError
+        if kind is dict:  # --rope_scaling '{"rope_type": "linear", "factor": 2}'
+            return json.loads(text)
         return kind(float(text)) if kind is int and "e" in text.lower() else kind(text)
     except ValueError:
         raise UserError(f"--{key} expects {kind.__name__}, got {text!r}")

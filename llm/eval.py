@@ -179,7 +179,7 @@ def parse_args(argv):
         "Loss, perplexity and bits per UTF-8 byte of a checkpoint (a run directory or a Hugging Face "
         "Llama directory) on text files, tokenized as training does; every token predicted once."))
     parser.add_argument("--ckpt", required=True,
-                        help="run directory, checkpoint folder or Hugging Face Llama directory")
+                        help="run directory, checkpoint folder, Hugging Face directory or GGUF file")
     parser.add_argument("--data", required=True,
                         help="a text file, a directory of them, or a glob (.jsonl/.json/.parquet: their 'text' field)")
     parser.add_argument("--block_size", type=positive_int, help="context of each window (default: the model's)")

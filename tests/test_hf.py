@@ -1,5 +1,6 @@
-"""Hugging Face interop: Llama directories load into our model and our runs export to one,
-computing the same logits and greedy tokens as transformers' LlamaForCausalLM."""
+"""Hugging Face interop: Llama (3.x RoPE scaling included), Mistral, Qwen2 and Qwen3 directories
+load into our model and our runs export to them, computing the same logits and greedy tokens as
+transformers' own classes."""
 import json
 import re
 import shutil
@@ -106,6 +107,127 @@ def assert_same_greedy(ours: Transformer, hf, vocab_size: int, n=32):
     assert out[0, len(prompt):].tolist() == expected
 
 
+FAMILY_CLASSES = {
+    "llama": (transformers.LlamaConfig, transformers.LlamaForCausalLM),
+    "mistral": (transformers.MistralConfig, transformers.MistralForCausalLM),
+    "qwen2": (transformers.Qwen2Config, transformers.Qwen2ForCausalLM),
+    "qwen3": (transformers.Qwen3Config, transformers.Qwen3ForCausalLM),
+}
+# Llama 3.x's scaling on a small head: with head_dim 16 and theta 10000 the wavelengths are 6.3 (kept),
+# 20 and 63 (blended), 199 and longer (divided by factor); tests run past position 64, the original context.
+LLAMA3 = {"rope_type": "llama3", "factor": 4.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+          "original_max_position_embeddings": 64}
+FAMILY_CASES = {  # name -> (model_type, config overrides, what our config must say)
+    "llama3": ("llama", dict(rope_parameters={**LLAMA3, "rope_theta": 10000.0}), dict(rope_scaling=LLAMA3)),
+    "llama_linear": ("llama", dict(rope_parameters={"rope_type": "linear", "factor": 3.0, "rope_theta": 5e4}),
+                     dict(rope_scaling={"rope_type": "linear", "factor": 3.0})),
+    "mistral": ("mistral", dict(sliding_window=16, head_dim=16), dict(sliding_window=16)),
+    "qwen2_tied": ("qwen2", dict(tie_word_embeddings=True),
+                   dict(qkv_bias=True, tie_embeddings=True, sliding_window=None)),
+    "qwen2_untied_yarn": ("qwen2", dict(rope_parameters={"rope_type": "yarn", "factor": 4.0, "rope_theta": 1e4,
+                                                         "original_max_position_embeddings": 32}),
+                          dict(qkv_bias=True, tie_embeddings=False)),
+    "qwen3": ("qwen3", dict(head_dim=32, tie_word_embeddings=True), dict(qk_norm=True, head_dim=32)),
+}
+
+
+def hf_family(tokenizer, model_type: str, **overrides):
+    """A random-weight model of a family, built with transformers' own config and model classes."""
+    config_class, model_class = FAMILY_CLASSES[model_type]
+    settings_ = dict(vocab_size=tokenizer.vocab_size, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                     num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128, rms_norm_eps=1e-5,
+                     bos_token_id=tokenizer.eot_id, eos_token_id=tokenizer.eot_id, attn_implementation="eager")
+    return randomize(model_class(config_class(**{**settings_, **overrides})))
+
+
+def long_ids(vocab_size: int, batch=2) -> torch.Tensor:
+    """Past the window and past the original context of the scaled RoPE cases."""
+    return torch.randint(0, vocab_size, (batch, int(torch.randint(72, 129, ()))))
+
+
+def make_family_dirs(tmp_path_factory, tokenizer) -> dict[str, Path]:
+    """Each family's directory; the bf16 and sharded variants are Qwen2's."""
+    fresh_seed()
+    dirs = {}
+    for case, (model_type, overrides, _) in FAMILY_CASES.items():
+        dirs[case] = save_hf(hf_family(tokenizer, model_type, **overrides), tokenizer, tmp_path_factory.mktemp(case))
+    # As Qwen2.5's files are (and transformers 4.x wrote them): a window named but unused, no layer_types.
+    config = json.loads((dirs["qwen2_tied"] / "config.json").read_text())
+    del config["layer_types"]
+    (dirs["qwen2_tied"] / "config.json").write_text(json.dumps({**config, "sliding_window": 4, "max_window_layers": 1}))
+    qwen2 = hf_family(tokenizer, "qwen2").to(torch.bfloat16)
+    dirs["qwen2_bf16_sharded"] = save_hf(qwen2, tokenizer, tmp_path_factory.mktemp("sharded"), max_shard_size="40KB")
+    return dirs
+
+
+@pytest.fixture(scope="module")
+def family_dirs(tmp_path_factory, tokenizer):
+    return make_family_dirs(tmp_path_factory, tokenizer)
+
+
+def reference(path: Path):
+    """transformers' own model of a directory, in float32 (bf16 files upcast exactly)."""
+    return transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32,
+                                                             attn_implementation="eager").eval()
+
+
+@pytest.mark.parametrize("case", [*FAMILY_CASES, "qwen2_bf16_sharded"])
+def test_families_load_with_same_logits(case, family_dirs, tokenizer, seed):
+    path = family_dirs[case]
+    model, tok = llm.load(path)
+    expected = FAMILY_CASES.get(case, (None, None, dict(qkv_bias=True)))[2]
+    assert {k: getattr(model.config, k) for k in expected} == expected
+    assert tok.encode(TEXT) == tokenizer.encode(TEXT)
+    if case == "qwen2_bf16_sharded":
+        assert len(list(path.glob("model-*.safetensors"))) > 1
+    hf = reference(path)
+    with torch.no_grad():
+        ids = long_ids(tokenizer.vocab_size)
+        diff = (model(ids) - hf(ids).logits).abs().max().item()
+    print(f"HF -> ours, {case}, {ids.shape[1]} tokens: max |logit diff| = {diff:.2e}")
+    assert diff <= TOLERANCE
+
+
+@pytest.mark.parametrize("case", FAMILY_CASES)
+def test_families_greedy_through_sample_py(case, family_dirs, tokenizer, capsys, seed):
+    """32 greedy tokens after a 50-token prompt: sample.py's text (float32) is transformers' (float64),
+    and token by token through our generate (both float64)."""
+    path = family_dirs[case]
+    prompt_ids = tokenizer.encode(TEXT)[:50]
+    prompt = tokenizer.decode(prompt_ids)
+    hf = reference(path).double()
+    hf.generation_config.eos_token_id = None
+    with torch.no_grad():
+        out = hf.generate(torch.tensor([prompt_ids]), attention_mask=torch.ones(1, 50, dtype=torch.long),
+                          do_sample=False, max_new_tokens=32, pad_token_id=0)[0, 50:].tolist()
+    generated = out[: out.index(tokenizer.eot_id)] if tokenizer.eot_id in out else out  # sample.py stops there
+    capsys.readouterr()
+    assert sample_main(["--ckpt", str(path), "--prompt", prompt, "--max_new_tokens", "32", "--temperature", "0",
+                        "--dtype", "float32"]) == 0
+    assert capsys.readouterr().out == tokenizer.decode(prompt_ids + generated) + "\n"
+    model, _ = llm.load(path, dtype=torch.float64)
+    ours = torch.stack(list(generate(model, [prompt_ids], 32, Sampling(temperature=0))), dim=1)[0].tolist()
+    assert ours == out
+
+
+@pytest.mark.parametrize("case", ["llama3", "qwen2_untied_yarn"])
+def test_transformers_4_config_files(case, family_dirs, tmp_path, seed):
+    """The same checkpoints as transformers 4.x wrote them: rope_scaling ("type" in older files)
+    and a top-level rope_theta instead of rope_parameters: the same model."""
+    old = Path(shutil.copytree(family_dirs[case], tmp_path / case))
+    config = json.loads((old / "config.json").read_text())
+    params = config.pop("rope_parameters")
+    theta, kind = params.pop("rope_theta"), params.pop("rope_type")
+    config.update(rope_theta=theta, rope_scaling={**params, "type" if kind == "yarn" else "rope_type": kind})
+    config.pop("layer_types", None)
+    (old / "config.json").write_text(json.dumps(config))
+    model, _ = llm.load(old)
+    assert model.config == llm.load(family_dirs[case])[0].config
+    with torch.no_grad():
+        ids = long_ids(model.config.vocab_size)
+        assert (model(ids) - reference(family_dirs[case])(ids).logits).abs().max().item() <= TOLERANCE
+
+
 # ---------------------------------------------------------------- Hugging Face -> ours
 
 IMPORT_CASES = {
@@ -170,7 +292,13 @@ EXPORT_CASES = {
     "gqa_untied": dict(tie_embeddings=False),
     "bias_untied": dict(bias=True, tie_embeddings=False),
     "mqa_head_dim_theta_vocab": dict(n_kv_head=1, head_dim=32, rope_theta=123456.0, vocab_size=313),
+    "llama3": dict(rope_scaling=LLAMA3, block_size=128),
+    "mistral": dict(sliding_window=16, block_size=128),
+    "qwen2_yarn": dict(qkv_bias=True, rope_scaling={"rope_type": "yarn", "factor": 2.0,
+                                                    "original_max_position_embeddings": 32}, block_size=128),
+    "qwen3_window": dict(qk_norm=True, head_dim=32, sliding_window=20, block_size=128),
 }
+EXPORT_FAMILIES = {"llama3": "llama", "mistral": "mistral", "qwen2_yarn": "qwen2", "qwen3_window": "qwen3"}
 
 
 @pytest.mark.parametrize("case", EXPORT_CASES)
@@ -183,7 +311,10 @@ def test_export_loads_in_transformers_with_same_logits(case, tokenizer, tmp_path
         assert ("lm_head.weight" in f.keys()) == (not model.config.tie_embeddings)
     hf = transformers.AutoModelForCausalLM.from_pretrained(out, attn_implementation="eager").eval()
     assert hf.dtype == torch.float32 and hf.config.head_dim == model.config.head_dim
-    diff = max_logit_diff(model, hf, model.config.vocab_size)
+    assert hf.config.model_type == EXPORT_FAMILIES.get(case, "llama")
+    with torch.no_grad():
+        ids = long_ids(model.config.vocab_size) if model.config.block_size > 64 else random_ids(model.config.vocab_size)
+        diff = (model(ids) - hf(ids).logits).abs().max().item()
     print(f"ours -> HF, {case}: max |logit diff| = {diff:.2e}")
     assert diff <= TOLERANCE
     reloaded, _ = llm.load(out)  # and back: the very same weights
@@ -239,9 +370,17 @@ def test_tokenizers_agree_on_any_text(tokenizer, hf_tokenizers, text):
 # ---------------------------------------------------------------- errors
 
 BASE_HF_ERRORS = [  # (config.json changes, files removed, message)
-    ({"model_type": "mistral"}, (), "unsupported model_type 'mistral'"),
-    ({"rope_parameters": {"rope_type": "yarn", "factor": 4.0, "rope_theta": 10000.0}}, (), "rope_type 'yarn'"),
-    ({"rope_parameters": None, "rope_scaling": {"type": "linear", "factor": 2.0}}, (), "rope_scaling rope_type 'linear'"),
+    ({"model_type": "gemma"}, (), "unsupported model_type 'gemma' (supported: llama, mistral, qwen2, qwen3)"),
+    ({"rope_parameters": {"rope_type": "dynamic", "factor": 4.0, "rope_theta": 10000.0}}, (),
+     "config.json rope_parameters: rope_type 'dynamic' is not supported (its frequencies change"),
+    ({"rope_parameters": None, "rope_scaling": {"type": "longrope", "factor": 2.0}}, (),
+     "config.json rope_scaling: rope_type 'longrope' is not supported"),
+    ({"rope_parameters": {"rope_type": "llama3", "factor": 8.0, "rope_theta": 1e4}}, (),
+     "rope_parameters: llama3: low_freq_factor must be a positive number, got None"),
+    ({"partial_rotary_factor": 0.5}, (), "unsupported partial_rotary_factor 0.5"),
+    ({"model_type": "qwen2", "use_sliding_window": True, "sliding_window": 8, "max_window_layers": 1}, (),
+     "a sliding window on some layers only"),
+    ({"model_type": "qwen3", "attention_bias": True}, (), "qwen3 with attention_bias=true is unsupported"),
     ({"hidden_act": "gelu"}, (), "unsupported hidden_act 'gelu'"),
     ({"attention_bias": True}, (), "attention_bias=True with mlp_bias=False"),
     ({"num_hidden_layers": 3}, (), "missing model.layers.2."),

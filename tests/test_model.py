@@ -124,6 +124,82 @@ def test_rope_is_rotate_half():
         assert math.isclose(got[i + half].item(), b * math.cos(angle) + a * math.sin(angle), rel_tol=1e-5)
 
 
+def random_scaling(kind: str, g: torch.Generator) -> dict:
+    """Parameters of one rope_type, drawn so that every branch of its formula is taken somewhere."""
+    def uniform(low, high):
+        return low + (high - low) * torch.rand((), generator=g, dtype=torch.float64).item()
+
+    original = int(torch.randint(16, 4096, (), generator=g))
+    if kind == "linear":
+        return {"rope_type": "linear", "factor": uniform(1.0, 16.0)}
+    if kind == "llama3":
+        low = uniform(0.5, 2.0)
+        return {"rope_type": "llama3", "factor": uniform(2.0, 32.0), "low_freq_factor": low,
+                "high_freq_factor": low + uniform(0.5, 6.0), "original_max_position_embeddings": original}
+    extra = [{}, {"beta_fast": uniform(8, 64), "beta_slow": uniform(0.5, 2)}, {"truncate": False},
+             {"mscale": uniform(0.5, 2), "mscale_all_dim": uniform(0.5, 2)}, {"attention_factor": uniform(0.5, 2)}]
+    return {"rope_type": "yarn", "factor": uniform(1.5, 40.0), "original_max_position_embeddings": original,
+            **extra[int(torch.randint(0, len(extra), (), generator=g))]}
+
+
+@pytest.mark.parametrize("kind", ["linear", "llama3", "yarn"])
+def test_rope_scaling_is_transformers(kind, seed):
+    """The scaled frequencies and the scale on cos/sin, against transformers' own rope functions
+    (ROPE_INIT_FUNCTIONS, fp32) for random parameters, head sizes and bases."""
+    from transformers import LlamaConfig
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    from llm.model.rope import check_scaling, inverse_frequencies
+
+    g = torch.Generator().manual_seed(seed)
+    for _ in range(20):
+        head_dim = 2 * int(torch.randint(4, 80, (), generator=g))
+        theta = [10000.0, 500000.0, 1e6, 123.0][int(torch.randint(0, 4, (), generator=g))]
+        scaling = random_scaling(kind, g)
+        hf = LlamaConfig(hidden_size=head_dim * 2, num_attention_heads=2, head_dim=head_dim, max_position_embeddings=8192,
+                         rope_parameters={**scaling, "rope_theta": theta})
+        expected, expected_scale = ROPE_INIT_FUNCTIONS[kind](hf, "cpu")
+        inv_freq, scale = inverse_frequencies(head_dim, theta, check_scaling(scaling))
+        torch.testing.assert_close(inv_freq.float(), expected, rtol=1e-5, atol=0, msg=f"{scaling}, {head_dim}, {theta}")
+        assert math.isclose(scale, expected_scale, rel_tol=1e-12), scaling
+    unscaled, _ = inverse_frequencies(64, 10000.0)
+    assert not torch.allclose(inverse_frequencies(64, 10000.0, check_scaling(scaling))[0], unscaled)
+
+
+def test_qk_norm_normalizes_each_head(seed):
+    """With qk_norm, scaling one head's query or key rows by any positive number changes nothing
+    (RMSNorm is scale-free, head by head, up to its epsilon); without it, the same change moves the output."""
+    ids = torch.randint(0, 97, (2, 16))
+    for qk_norm in (True, False):
+        model = tiny_model(seed, qk_norm=qk_norm, norm_eps=1e-12)
+        expected = model(ids)
+        wqkv = model.layers[0].attention.wqkv.weight
+        head_dim, n_head = model.config.head_dim, model.config.n_head
+        with torch.no_grad():
+            wqkv[head_dim:2 * head_dim] *= 7.5  # query head 1
+            wqkv[(n_head + 1) * head_dim:(n_head + 2) * head_dim] *= 0.2  # key head 1
+        changed = (model(ids) - expected).abs().max().item()
+        assert (changed < 1e-9) if qk_norm else (changed > 1e-3), (qk_norm, changed)
+
+
+def test_qkv_bias_is_on_the_qkv_projection_only():
+    model = tiny_model(qkv_bias=True)
+    with_bias = {name for name, _ in model.named_parameters() if name.endswith(".bias")}
+    assert with_bias == {f"layers.{i}.attention.wqkv.bias" for i in range(model.config.n_layer)}
+    assert model.layers[0].attention.wqkv.bias.shape == ((4 + 2 * 2) * 8,)
+    both = {name for name, _ in tiny_model(qkv_bias=True, bias=True).named_parameters() if name.endswith(".bias")}
+    assert both == {name for name, _ in tiny_model(bias=True).named_parameters() if name.endswith(".bias")}
+
+
+def test_configs_without_the_family_switches_load():
+    """A config.json saved before qkv_bias, qk_norm and rope_scaling existed means what it meant."""
+    saved = {"vocab_size": 97, "block_size": 48, "n_layer": 2, "n_head": 4, "d_model": 32}
+    config = ModelConfig.from_dict(saved)
+    assert (config.qkv_bias, config.qk_norm, config.rope_scaling) == (False, False, None)
+    cos, _ = rope_cache(48, 8, 10000.0)
+    assert torch.equal(Transformer(config).rope_cos, cos)
+
+
 def test_gpt2_initialization():
     config = ModelConfig(vocab_size=1024, block_size=64, n_layer=8, n_head=8, d_model=512)
     torch.manual_seed(0)
@@ -185,9 +261,18 @@ def test_label_smoothing_raises_the_floor(seed):
     (dict(n_head=4, n_kv_head=3), "not divisible by n_kv_head"),
     (dict(norm="batchnorm"), "norm='batchnorm'"),
     (dict(n_layer=0), "n_layer must be positive"),
+    (dict(rope_scaling={"rope_type": "dynamic", "factor": 2.0}), "rope_type 'dynamic' is not supported"),
+    (dict(rope_scaling={"rope_type": "longrope"}), "rope_type 'longrope' is not supported"),
+    (dict(rope_scaling={"rope_type": "ntk", "factor": 2.0}), "rope_type 'ntk' is not one of linear, llama3, yarn"),
+    (dict(rope_scaling={"rope_type": "linear"}), "linear: factor must be a positive number, got None"),
+    (dict(rope_scaling={"rope_type": "linear", "factor": 2, "beta": 1}), "linear: unsupported parameter(s) beta"),
+    (dict(rope_scaling={"rope_type": "llama3", "factor": 8, "low_freq_factor": 4, "high_freq_factor": 1,
+                        "original_max_position_embeddings": 64}), "high_freq_factor must exceed low_freq_factor"),
+    (dict(rope_scaling={"rope_type": "linear", "factor": 2}, pos_embedding="learned"),
+     "rope_scaling needs pos_embedding=rope"),
 ])
 def test_invalid_model_configs(bad, message):
-    with pytest.raises(UserError, match=message):
+    with pytest.raises(UserError, match=re.escape(message) if "(" in message else message):
         ModelConfig(**{"d_model": 32, "n_head": 4, **bad})
 
 

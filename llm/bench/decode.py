@@ -152,7 +152,7 @@ def compare_with_transformers(model, variants: dict, new_tokens: int, repeats: i
     except ImportError:
         print("transformers is not installed: no comparison")
         return None
-    from llm.formats.hf import check_exportable, write_llama
+    from llm.formats.hf import check_exportable, write_hf
     from llm.model.tokenizer import Tokenizer
 
     try:
@@ -162,7 +162,7 @@ def compare_with_transformers(model, variants: dict, new_tokens: int, repeats: i
         return None
     device, dtype = next(model.parameters()).device, next(model.parameters()).dtype
     with tempfile.TemporaryDirectory() as tmp:
-        write_llama(model, Tokenizer.train(["placeholder text"], 260), Path(tmp))
+        write_hf(model, Tokenizer.train(["placeholder text"], 260), Path(tmp))
         hf = AutoModelForCausalLM.from_pretrained(tmp, dtype=dtype).to(device).eval()
     prompt = torch.randint(0, model.config.vocab_size, (1, 32), device=device)
 

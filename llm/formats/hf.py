@@ -1,16 +1,17 @@
-"""Hugging Face directories, in and out (the Llama format).
+"""Hugging Face directories, in and out: the Llama, Mistral, Qwen2 and Qwen3 families.
 
     model_config(path), load_model(path), load_tokenizer(path)   a Hugging Face directory -> ours
-    write_llama(model, tokenizer, out)   the files of a Llama directory that transformers'
-                                         AutoModelForCausalLM / AutoTokenizer load
+    write_hf(model, tokenizer, out)   the files of a directory that transformers'
+                                      AutoModelForCausalLM / AutoTokenizer load
 
-Our Llama-style settings (rmsnorm, pre-norm, swiglu, rope) are the same computation as
-transformers' LlamaForCausalLM: RoPE uses the same rotate_half layout, so weights only
-change names, and our fused query/key/value projection is their three stacked row-wise.
-One table, NAMES, holds that correspondence and serves both directions.
+The four families are settings of our one model (rmsnorm, pre-norm, swiglu, rope), each with
+its switches (FAMILIES): Llama's RoPE scaling (linear, llama3, yarn), Mistral's sliding window,
+Qwen2's q/k/v biases, Qwen3's per-head q/k RMSNorm. RoPE uses the same rotate_half layout as
+transformers, so weights only change names, and our fused query/key/value projection is their
+three stacked row-wise. One table, NAMES, holds that correspondence and serves both directions.
 
-Only plain Llama is supported: no rope scaling (linear, dynamic, yarn, llama3, ...),
-SiLU only, and biases either everywhere (attention_bias and mlp_bias) or nowhere.
+Refused by name: other model types, activations other than SiLU, biases on some Llama linears
+only, per-layer sliding windows (Qwen's max_window_layers), partial rotary, dynamic/longrope RoPE.
 Loading needs safetensors weights (one file, or shards with an index) and tokenizer.json;
 an end-of-sequence token is optional.
 """
@@ -25,6 +26,8 @@ from llm.files import read_json, write_json
 from llm.formats.weights import build_model, check_weights, expected_weights, read_safetensors
 from llm.config import ModelConfig
 from llm.errors import UserError
+from llm.model.chat import ChatTemplate, find_template
+from llm.model.rope import check_scaling
 from llm.model.transformer import Transformer
 from llm.model.tokenizer import Tokenizer
 
@@ -38,6 +41,8 @@ NAMES = {
     "layers.{i}.attention.wqkv": ("model.layers.{i}.self_attn.q_proj", "model.layers.{i}.self_attn.k_proj",
                                   "model.layers.{i}.self_attn.v_proj"),
     "layers.{i}.attention.wo": ("model.layers.{i}.self_attn.o_proj",),
+    "layers.{i}.attention.q_norm": ("model.layers.{i}.self_attn.q_norm",),
+    "layers.{i}.attention.k_norm": ("model.layers.{i}.self_attn.k_norm",),
     "layers.{i}.ffn_norm": ("model.layers.{i}.post_attention_layernorm",),
     "layers.{i}.feed_forward.w1": ("model.layers.{i}.mlp.gate_proj",),
     "layers.{i}.feed_forward.w3": ("model.layers.{i}.mlp.up_proj",),
@@ -45,13 +50,16 @@ NAMES = {
 }
 LAYER = re.compile(r"layers\.(\d+)\.(.+)")
 
-# What export requires of a ModelConfig: option -> (the Llama value, why).
+# What export requires of a ModelConfig: option -> (the value all four families have, why).
 LLAMA_OPTIONS = {
     "norm": ("rmsnorm", "Llama needs rmsnorm"),
     "norm_position": ("pre", "Llama needs pre-norm"),
     "ffn": ("swiglu", "Llama needs swiglu"),
     "pos_embedding": ("rope", "Llama needs rope"),
 }
+# model_type -> the transformers class that reads it.
+FAMILIES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM",
+            "qwen3": "Qwen3ForCausalLM"}
 
 
 def hf_names(name: str) -> tuple[str, ...]:
@@ -110,20 +118,64 @@ def field(config: dict, key: str, kind: type, default=REQUIRED, where: str = "co
     return float(value) if kind is float else value
 
 
-def rope_theta(config: dict) -> float:
-    """The RoPE base, from transformers 5's rope_parameters or older files' rope_theta / rope_scaling."""
+def rope_settings(config: dict) -> tuple[float, dict | None]:
+    """The RoPE base and scaling, read as transformers 5 reads them: rope_scaling (older files)
+    when set, else rope_parameters; rope_theta at the top level unless the dict has one."""
     theta = field(config, "rope_theta", float, 10000.0)
-    for key in ("rope_scaling", "rope_parameters"):  # rope_parameters, when present, has the last word
-        params = config.get(key)
-        if params is None:
-            continue
-        if not isinstance(params, dict) or any(isinstance(v, dict) for v in params.values()):
-            raise UserError(f"config.json: unsupported {key} {params!r} (expected one dict for all layers)")
-        kind = params.get("rope_type", params.get("type", "default"))
-        if kind != "default":
-            raise UserError(f"config.json: unsupported {key} rope_type {kind!r} (only 'default' RoPE, without scaling)")
-        theta = field(params, "rope_theta", float, theta, where=f"config.json {key}")
-    return theta
+    key = "rope_scaling" if config.get("rope_scaling") else "rope_parameters"
+    params = config.get(key)
+    if params is None:
+        return theta, None
+    if not isinstance(params, dict) or any(isinstance(v, dict) for v in params.values()):
+        raise UserError(f"config.json: unsupported {key} {params!r} (expected one dict for all layers)")
+    params = dict(params)
+    theta = field(params, "rope_theta", float, theta, where=f"config.json {key}")
+    params.pop("rope_theta", None)
+    partial = params.pop("partial_rotary_factor", config.get("partial_rotary_factor", 1.0))
+    if partial != 1.0:
+        raise UserError(f"config.json: unsupported partial_rotary_factor {partial!r} (RoPE on every channel only)")
+    kind = params.get("rope_type", params.get("type", "default"))
+    if kind == "default":
+        return theta, None
+    if kind in ("llama3", "yarn") and "original_max_position_embeddings" in config:  # the top level wins (Phi-3 style)
+        params["original_max_position_embeddings"] = config["original_max_position_embeddings"]
+    if kind in ("llama3", "yarn"):
+        params.setdefault("original_max_position_embeddings", config.get("max_position_embeddings"))
+    try:
+        return theta, check_scaling(params)
+    except UserError as e:
+        raise UserError(f"config.json {key}: {str(e).removeprefix('rope_scaling ')}")
+
+
+def qwen_window(config: dict, n_layer: int) -> int | None:
+    """Qwen2/Qwen3's sliding window, as transformers decides it per layer (layer_types, or from
+    use_sliding_window and max_window_layers): used when every layer slides, refused when only some do."""
+    window = field(config, "sliding_window", int, None) if field(config, "use_sliding_window", bool, False) else None
+    first = field(config, "max_window_layers", int, n_layer)
+    kinds = config.get("layer_types") or ["sliding_attention" if window is not None and i >= first else "full_attention"
+                                          for i in range(n_layer)]
+    if set(kinds) == {"full_attention"}:
+        return None
+    if set(kinds) == {"sliding_attention"} and window is not None:
+        return window
+    raise UserError(f"config.json: a sliding window on some layers only (layer_types {sorted(set(kinds))}, "
+                    f"max_window_layers={first}, sliding_window={window}) is unsupported")
+
+
+def family_switches(model_type: str, config: dict, n_layer: int) -> dict:
+    """What sets a family apart from plain Llama, as ModelConfig switches."""
+    if model_type in ("qwen2", "qwen3"):
+        if model_type == "qwen3" and field(config, "attention_bias", bool, False):
+            raise UserError("config.json: qwen3 with attention_bias=true is unsupported (biases on q, k, v and o "
+                            "but not the MLP)")
+        return dict(qkv_bias=model_type == "qwen2", qk_norm=model_type == "qwen3",
+                    sliding_window=qwen_window(config, n_layer))
+    attention_bias, mlp_bias = field(config, "attention_bias", bool, False), field(config, "mlp_bias", bool, False)
+    if attention_bias != mlp_bias:
+        raise UserError(f"config.json: attention_bias={attention_bias} with mlp_bias={mlp_bias} is unsupported "
+                        "(biases must be in every linear layer or in none)")
+    window = field(config, "sliding_window", int, None) if model_type == "mistral" else None
+    return dict(bias=attention_bias, sliding_window=window)
 
 
 def is_hf_dir(path: Path) -> bool:
@@ -137,24 +189,22 @@ def model_config(path) -> ModelConfig:
 
 
 def config_from_hf(config: dict) -> ModelConfig:
-    """A Hugging Face LlamaConfig (as a dict) -> our ModelConfig; unsupported settings are a UserError."""
+    """A Hugging Face config (as a dict) of one of FAMILIES -> our ModelConfig; unsupported settings are a UserError."""
     model_type = config.get("model_type")
-    if model_type != "llama":
-        raise UserError(f"config.json: unsupported model_type {model_type!r} (only 'llama' can be loaded)")
+    if model_type not in FAMILIES:
+        raise UserError(f"config.json: unsupported model_type {model_type!r} (supported: {', '.join(FAMILIES)})")
     act = field(config, "hidden_act", str, "silu")
     if act != "silu":
-        raise UserError(f"config.json: unsupported hidden_act {act!r} (Llama's SwiGLU needs 'silu')")
-    attention_bias, mlp_bias = field(config, "attention_bias", bool, False), field(config, "mlp_bias", bool, False)
-    if attention_bias != mlp_bias:
-        raise UserError(f"config.json: attention_bias={attention_bias} with mlp_bias={mlp_bias} is unsupported "
-                        "(biases must be in every linear layer or in none)")
+        raise UserError(f"config.json: unsupported hidden_act {act!r} (SwiGLU needs 'silu')")
     d_model, n_head = field(config, "hidden_size", int), field(config, "num_attention_heads", int)
     if n_head <= 0:
         raise UserError(f"config.json: num_attention_heads must be positive, got {n_head}")
+    n_layer = field(config, "num_hidden_layers", int)
+    theta, scaling = rope_settings(config)
     return ModelConfig(
         vocab_size=field(config, "vocab_size", int),
         block_size=field(config, "max_position_embeddings", int, 2048),
-        n_layer=field(config, "num_hidden_layers", int),
+        n_layer=n_layer,
         n_head=n_head,
         n_kv_head=field(config, "num_key_value_heads", int, n_head),
         d_model=d_model,
@@ -165,9 +215,10 @@ def config_from_hf(config: dict) -> ModelConfig:
         norm_eps=field(config, "rms_norm_eps", float, 1e-6),
         ffn="swiglu",
         pos_embedding="rope",
-        rope_theta=rope_theta(config),
-        bias=attention_bias,
+        rope_theta=theta,
+        rope_scaling=scaling,
         tie_embeddings=field(config, "tie_word_embeddings", bool, False),
+        **family_switches(model_type, config, n_layer),
     )
 
 
@@ -212,24 +263,47 @@ def load_model(path) -> Transformer:
     return build_model(config, from_hf(weights, ours), source)
 
 
+def chat_template(path) -> ChatTemplate | None:
+    return find_template(Path(path))
+
+
 # ---------------------------------------------------------------- export
 
 
-def check_exportable(config: ModelConfig):
+def family(config: ModelConfig) -> str:
+    """The transformers model_type that computes what `config` does, or a UserError saying why none does."""
     for option, (value, why) in LLAMA_OPTIONS.items():
         if getattr(config, option) != value:
             raise UserError(f"cannot export: {option}={getattr(config, option)!r} ({why})")
     if config.d_model % config.n_head:
         raise UserError(f"cannot export: d_model={config.d_model} is not a multiple of n_head={config.n_head} "
-                        "(transformers' LlamaConfig requires it, even with an explicit head_dim)")
+                        "(transformers' configs require it, even with an explicit head_dim)")
     if not (math.isfinite(config.rope_theta) and config.rope_theta > 0):
         raise UserError(f"cannot export: rope_theta={config.rope_theta}")
+    if config.qk_norm:
+        if config.bias or config.qkv_bias:
+            raise UserError("cannot export: qk_norm with biases (Qwen3, the family with q/k norms, has none)")
+        return "qwen3"
+    if config.qkv_bias and not config.bias:
+        return "qwen2"
+    if config.sliding_window is not None:
+        if config.bias:
+            raise UserError("cannot export: sliding_window with bias (Mistral, the family with a window, "
+                            "has no biases)")
+        return "mistral"
+    return "llama"
 
 
-def hf_config(config: ModelConfig, eot_id: int | None) -> dict:
-    return {
-        "architectures": ["LlamaForCausalLM"],
-        "model_type": "llama",
+def check_exportable(config: ModelConfig):
+    family(config)
+
+
+def hf_config(config: ModelConfig, eot_id: int | None, dtype: str = "float32") -> dict:
+    model_type = family(config)
+    scaling = dict(config.rope_scaling) if config.rope_scaling else None
+    out = {
+        "architectures": [FAMILIES[model_type]],
+        "model_type": model_type,
         "vocab_size": config.vocab_size,
         "hidden_size": config.d_model,
         "intermediate_size": config.ffn_hidden,
@@ -240,34 +314,49 @@ def hf_config(config: ModelConfig, eot_id: int | None) -> dict:
         "hidden_act": "silu",
         "max_position_embeddings": config.block_size,
         "rms_norm_eps": config.norm_eps,
-        "rope_parameters": {"rope_type": "default", "rope_theta": config.rope_theta},
+        "rope_parameters": {**(scaling or {"rope_type": "default"}), "rope_theta": config.rope_theta},
         "rope_theta": config.rope_theta,  # where transformers 4.x reads it
-        "rope_scaling": None,
-        "attention_bias": config.bias,
-        "mlp_bias": config.bias,
+        "rope_scaling": scaling,  # and its scaling
         "attention_dropout": 0.0,
         "tie_word_embeddings": config.tie_embeddings,
         "bos_token_id": eot_id,
         "eos_token_id": eot_id,
         "pad_token_id": eot_id,
         "initializer_range": 0.02,
-        "pretraining_tp": 1,
         "use_cache": True,
-        "dtype": "float32",
-        "torch_dtype": "float32",  # transformers 4.x
+        "dtype": dtype,
+        "torch_dtype": dtype,  # transformers 4.x
     }
+    if model_type == "llama":
+        out.update(attention_bias=config.bias, mlp_bias=config.bias, pretraining_tp=1)
+    if model_type == "mistral":
+        out.update(sliding_window=config.sliding_window)
+    if model_type in ("qwen2", "qwen3"):  # a window on every layer: sliding from layer 0 on
+        window = config.sliding_window
+        out.update(use_sliding_window=window is not None, sliding_window=window,
+                   max_window_layers=0 if window is not None else config.n_layer)
+    if model_type == "qwen3":
+        out.update(attention_bias=False)
+    return out
 
 
-def write_llama(model: Transformer, tokenizer: Tokenizer, out: Path):
-    """Write the model (float32) and tokenizer into the folder `out` as a Hugging Face Llama directory."""
+HF_DTYPES = {"f32": torch.float32, "f16": torch.float16, "bf16": torch.bfloat16}
+
+
+def write_hf(model: Transformer, tokenizer: Tokenizer, out: Path, outtype: str = "f32",
+             template: ChatTemplate | None = None):
+    """Write the model (in `outtype`: f32, f16 or bf16) and tokenizer into the folder `out` as a
+    Hugging Face directory of the family its switches make it (see family)."""
     config = model.config
     check_exportable(config)
     eot = tokenizer.eos  # None for a tokenizer without one: written as null, as transformers does
     out = Path(out)
-    weights = {k: v.detach().to("cpu", torch.float32).contiguous().clone()
+    dtype = HF_DTYPES[outtype]
+    weights = {k: v.detach().to("cpu", dtype).contiguous().clone()
                for k, v in to_hf(model.state_dict(), config).items()}  # clone: no shared storage in the file
     save_file(weights, out / "model.safetensors", metadata={"format": "pt"})
-    write_json(out / "config.json", hf_config(config, tokenizer.eot_id))
+    dtype_name = str(dtype).removeprefix("torch.")
+    write_json(out / "config.json", hf_config(config, tokenizer.eot_id, dtype_name))
     write_json(out / "generation_config.json", {"bos_token_id": tokenizer.eot_id, "eos_token_id": tokenizer.eot_id,
                                                 "pad_token_id": tokenizer.eot_id})
     tokenizer.hf.save(str(out / "tokenizer.json"))
@@ -282,3 +371,5 @@ def write_llama(model: Transformer, tokenizer: Tokenizer, out: Path):
         "add_bos_token": False,
         "add_eos_token": False,
     })
+    if template is not None:
+        template.save(out)

@@ -24,6 +24,7 @@ from llm.config import ModelConfig
 from llm.errors import UserError
 from llm.files import read_json
 from llm.formats.weights import build_model, read_safetensors
+from llm.model.chat import ChatTemplate, find_template
 from llm.model.tokenizer import Tokenizer
 from llm.model.transformer import Transformer
 
@@ -72,3 +73,7 @@ def load_tokenizer(path: Path) -> Tokenizer:
 def load_model(path: Path) -> Transformer:
     folder = model_folder(path)
     return build_model(model_config(folder), read_safetensors(folder / "model.safetensors"), "model.safetensors")
+
+
+def chat_template(path: Path) -> ChatTemplate | None:
+    return find_template(model_folder(path))

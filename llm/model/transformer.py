@@ -38,7 +38,10 @@ class Attention(nn.Module):
         self.layer_idx = layer_idx
         self.n_head, self.n_kv_head, self.head_dim = config.n_head, config.n_kv_head, config.head_dim
         qkv_dim = (config.n_head + 2 * config.n_kv_head) * config.head_dim
-        self.wqkv = nn.Linear(config.d_model, qkv_dim, bias=config.bias)
+        self.wqkv = nn.Linear(config.d_model, qkv_dim, bias=config.bias or config.qkv_bias)
+        # Qwen3: each head of q and k normalized on its own (one weight shared by the heads), before RoPE
+        self.q_norm = nn.RMSNorm(config.head_dim, eps=config.norm_eps) if config.qk_norm else None
+        self.k_norm = nn.RMSNorm(config.head_dim, eps=config.norm_eps) if config.qk_norm else None
         self.wo = nn.Linear(config.n_head * config.head_dim, config.d_model, bias=config.bias)
         self.backend = backend
         self.dropout = dropout
@@ -52,6 +55,8 @@ class Attention(nn.Module):
         q = q.view(B, T, self.n_head, self.head_dim).transpose(1, 2)
         k = k.view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
         v = v.view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
         if rope is not None:
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
         if cache is not None:  # the whole static cache; attention masks the slots after each query's
@@ -129,7 +134,7 @@ class Transformer(nn.Module):
         """The fixed position tables: buffers, not parameters, rebuilt from the config and never saved."""
         c = self.config
         if c.pos_embedding == "rope":
-            cos, sin = rope_cache(c.block_size, c.head_dim, c.rope_theta)
+            cos, sin = rope_cache(c.block_size, c.head_dim, c.rope_theta, c.rope_scaling)
             self.register_buffer("rope_cos", cos, persistent=False)
             self.register_buffer("rope_sin", sin, persistent=False)
         if c.pos_embedding == "sinusoidal":

@@ -5,6 +5,7 @@
 
 Each format module answers the same three questions: model_config(path), load_tokenizer(path),
 load_model(path) (weights in the dtype the files hold; `load` casts and places them).
+`chat_template(path)` finds the chat template saved beside a model, in either format.
 """
 from pathlib import Path
 
@@ -14,6 +15,7 @@ from llm import runtime
 from llm.config import ModelConfig
 from llm.errors import UserError
 from llm.formats import hf, run_dir
+from llm.model.chat import ChatTemplate, find_template
 from llm.model.tokenizer import Tokenizer
 from llm.model.transformer import Transformer
 
@@ -36,6 +38,13 @@ def model_config(path) -> ModelConfig:
 
 def load_tokenizer(path) -> Tokenizer:
     return format_of(path).load_tokenizer(Path(path).expanduser())
+
+
+def chat_template(path) -> ChatTemplate | None:
+    """The chat template saved with a model (a run's latest checkpoint, a checkpoint folder or a
+    Hugging Face directory), or None."""
+    path = Path(path).expanduser()
+    return find_template(path if format_of(path) is hf else run_dir.model_folder(path))
 
 
 def load(path, device="cpu", dtype: torch.dtype | None = None) -> tuple[Transformer, Tokenizer]:

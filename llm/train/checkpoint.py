@@ -3,7 +3,10 @@
 A checkpoint (the folder layout: llm/formats/run_dir.py) is written into a temporary folder
 and renamed into place; older ones are deleted only after that, so a crash at any instant
 leaves the previous checkpoint loadable. trainer.json is written last: its presence marks a
-complete checkpoint. Data windows and dropout masks are functions of (seed, step, micro-batch),
+complete checkpoint. A fine-tuning run's checkpoint also holds its chat template
+(chat_template.jinja: export and GGUF carry it) and, with LoRA, model.safetensors holds the
+merged weights (a plain model for llm.load and export), adapter.safetensors the adapters alone,
+and state/ the base weights and adapters apart, for an exact resume. Data windows and dropout masks are functions of (seed, step, micro-batch),
 so restoring the step restores the data position and the random state.
 """
 import os
@@ -26,6 +29,8 @@ from llm.config import RunConfig
 from llm.errors import UserError
 from llm.files import read_json, sync_dir, write_json
 from llm.formats.run_dir import checkpoints, latest, step_of
+from llm.model.chat import ChatTemplate
+from llm.model.lora import ADAPTER_FILE, lora_scale, merged, save_adapters
 from llm.model.tokenizer import Tokenizer
 from llm.train.distributed import Dist, barrier
 
@@ -77,7 +82,8 @@ def unwrapped_state_dict(model) -> dict:
     return {k: v.contiguous() for k, v in sd.items()}
 
 
-def save(run_dir: Path, progress: Progress, model, optimizers, tokenizer: Tokenizer, run: RunConfig, d: Dist):
+def save(run_dir: Path, progress: Progress, model, optimizers, tokenizer: Tokenizer, run: RunConfig, d: Dist,
+         chat_template: ChatTemplate | None = None):
     """Write checkpoint `progress.step` into run_dir and make it the current one (collective
     under torchrun)."""
     step = progress.step
@@ -91,7 +97,11 @@ def save(run_dir: Path, progress: Progress, model, optimizers, tokenizer: Tokeni
     dcp.save(state, checkpoint_id=tmp / "state")  # every rank writes its own shards
     weights = unwrapped_state_dict(model)
     if d.is_main:
-        save_file(weights, tmp / "model.safetensors")
+        save_file(merged(weights, lora_scale(run.train)), tmp / "model.safetensors")
+        if run.train.lora_rank:
+            save_adapters(weights, run.train, tmp / ADAPTER_FILE)
+        if chat_template is not None:
+            chat_template.save(tmp)
         write_json(tmp / "config.json", asdict(run.model))
         write_json(tmp / "run.json", run.to_saved())
         tokenizer.save(tmp / "tokenizer.json")

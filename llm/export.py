@@ -4,7 +4,8 @@
     python -m llm.export --ckpt out --out hf/my-model --overwrite     # replace an earlier export
 
 The directory holds config.json, generation_config.json, model.safetensors (float32),
-tokenizer.json and tokenizer_config.json; AutoModelForCausalLM.from_pretrained and
+tokenizer.json and tokenizer_config.json, and a fine-tuned run's chat_template.jinja (then
+generation_config.json also stops at the template's end-of-turn token); AutoModelForCausalLM.from_pretrained and
 AutoTokenizer.from_pretrained read it, and so do llm.load and sample.py. Only
 Llama-style models export: norm=rmsnorm, norm_position=pre, ffn=swiglu, pos_embedding=rope.
 
@@ -21,9 +22,10 @@ from pathlib import Path
 import torch
 
 from llm.errors import ArgumentParser, UserError, exit_on_user_error
-from llm.files import sync_dir
+from llm.files import read_json, sync_dir, write_json
 from llm.formats.hf import check_exportable, write_llama
-from llm.formats.load import load
+from llm.formats.load import chat_template, load
+from llm.model.chat import end_of_turn
 from llm.formats.run_dir import holds_run
 
 
@@ -69,6 +71,7 @@ def export(ckpt, out, overwrite: bool = False) -> Path:
     old = None
     try:
         write_llama(model, tokenizer, tmp)
+        write_chat_template(ckpt, tokenizer, tmp)
         sync_dir(tmp)
         if out.exists():
             old = tmp.with_name(f".{out.name}.old-{secrets.token_hex(4)}")
@@ -84,6 +87,18 @@ def export(ckpt, out, overwrite: bool = False) -> Path:
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
     return out
+
+
+def write_chat_template(ckpt: Path, tokenizer, out: Path):
+    """The run's chat template beside the export, and its end of turn among the stop tokens."""
+    template = chat_template(ckpt)
+    if template is None:
+        return
+    template.save(out)
+    stop = end_of_turn(template, tokenizer.special_ids)
+    generation = read_json(out / "generation_config.json")
+    eos = [i for i in (generation.get("eos_token_id"), stop) if i is not None]
+    write_json(out / "generation_config.json", {**generation, "eos_token_id": list(dict.fromkeys(eos))})
 
 
 def main(argv=None) -> int:

@@ -140,7 +140,7 @@ def render_theirs(source, messages, add_generation_prompt, special):
 def outcome(render):
     try:
         return render()
-    except (jinja2.TemplateError, UserError) as e:  # both must refuse the same conversations
+    except (jinja2.TemplateError, UserError):  # both must refuse the same conversations
         return "refused"
 
 

@@ -1,7 +1,6 @@
 """LoRA: the adapted layer is the base plus a low-rank update; fine-tuning leaves the base weights
 bit-identical and out of the optimizer; the merged model.safetensors computes what the base with
 its adapters computes; resuming is bit-exact."""
-import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F

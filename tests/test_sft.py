@@ -175,7 +175,7 @@ def test_masked_targets_carry_no_gradient(chats, seed):
 # ---------------------------------------------------------------- end to end
 
 def chat_replies(run_dir, prompts, capsys) -> list[str]:
-    argv = ["--ckpt", str(run_dir), "--chat", "--temperature", "0", "--max_new_tokens", "12"]
+    argv = ["--ckpt", str(run_dir), "--chat", "--temperature", "0", "--max_new_tokens", "24"]
     for p in prompts:
         argv += ["--prompt", p]
     capsys.readouterr()
@@ -187,8 +187,8 @@ def chat_replies(run_dir, prompts, capsys) -> list[str]:
 @pytest.fixture(scope="module")
 def finetuned(chats, cache_dir, tmp_path_factory):
     out = tmp_path_factory.mktemp("finetuned") / "run"
-    assert train_main(sft_args(chats, cache_dir, out, "--max_steps", "200", "--lr", "1e-2", "--eval_interval",
-                               "200")) == 0
+    assert train_main(sft_args(chats, cache_dir, out, "--max_steps", "400", "--lr", "1e-2", "--eval_interval", "400",
+                               "--batch_size", "8", "--weight_decay", "0", "--min_lr_ratio", "0.5")) == 0
     return out
 
 
@@ -213,7 +213,7 @@ def test_export_carries_the_template(finetuned, chats, tmp_path, capsys):
     question = chats["rows"][3]["messages"][0]["content"]
     inputs = tokenizer.apply_chat_template([{"role": "user", "content": question}], add_generation_prompt=True,
                                            return_tensors="pt", return_dict=True)
-    out = model.generate(**inputs, max_new_tokens=12, do_sample=False)[0, inputs["input_ids"].size(1):]
+    out = model.generate(**inputs, max_new_tokens=24, do_sample=False)[0, inputs["input_ids"].size(1):]
     assert out[-1].item() == tokenizer.convert_tokens_to_ids("<|im_end|>")  # stopped at the end of the turn
     assert tokenizer.decode(out[:-1]) == chat_replies(finetuned, [question], capsys)[0]
 

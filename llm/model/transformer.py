@@ -110,7 +110,8 @@ class Block(nn.Module):
 
     def forward(self, x, rope=None, cache=None, kv_start=None, attn_maps=None, slots=None, documents=None):
         if self.pre_norm:
-            x = x + self.drop(self.attention(self.attention_norm(x), rope, cache, kv_start, attn_maps, slots, documents))
+            y = self.attention(self.attention_norm(x), rope, cache, kv_start, attn_maps, slots, documents)
+            x = x + self.drop(y)
             return x + self.drop(self.feed_forward(self.ffn_norm(x)))
         x = self.attention_norm(x + self.drop(self.attention(x, rope, cache, kv_start, attn_maps, slots, documents)))
         return self.ffn_norm(x + self.drop(self.feed_forward(x)))

@@ -147,7 +147,8 @@ class Chats:
         return cls(read("tokens", dtype), read("mask", np.uint8), read("starts", np.int64))
 
 
-def cache_key(corpus: Corpus, tokenizer: Tokenizer, template: ChatTemplate, last_only: bool, val_fraction: float) -> str:
+def cache_key(corpus: Corpus, tokenizer: Tokenizer, template: ChatTemplate, last_only: bool,
+              val_fraction: float) -> str:
     parts = [corpus.fingerprint, tokenizer.fingerprint(), template.source, json.dumps(template.special_tokens,
              sort_keys=True), str(last_only), str(val_fraction), str(CHATS_FORMAT)]
     return hashlib.sha256("\0".join(parts).encode()).hexdigest()[:16]
@@ -275,7 +276,8 @@ class ChatBatches:
         if not self.packed.windows:
             raise UserError(f"no training conversation has a target within block_size={self.block_size} tokens")
         val_chats = Chats.read(folder, "val", meta["dtype"])
-        val_windows = pack(val_chats, self.block_size, self.cfg.packing).windows[: self.cfg.eval_iters * self.cfg.batch_size]
+        val_windows = pack(val_chats, self.block_size, self.cfg.packing).windows
+        val_windows = val_windows[: self.cfg.eval_iters * self.cfg.batch_size]
         if not val_windows:
             raise UserError(f"no validation conversation has a target within block_size={self.block_size} tokens")
         self.val_chats, self.val_bytes = val_chats, self._target_bytes(val_chats, val_windows, tokenizer)

@@ -141,7 +141,8 @@ def prepare_data(config: RunConfig, d: Dist, source: Path | None):
             raise UserError(f"the tokenizer has {tok.vocab_size} tokens but vocab_size is {config.model.vocab_size}: "
                             f"pass --vocab_size {tok.vocab_size} (or more)")
         if template is not None:
-            return tok, prepare_chats(corpus, tok, template, cache_dir, cfg.val_fraction, cfg.train_on == "last_assistant")
+            last_only = cfg.train_on == "last_assistant"
+            return tok, prepare_chats(corpus, tok, template, cache_dir, cfg.val_fraction, last_only)
         return tok, prepare_tokens(corpus, tok, cache_dir, cfg.val_fraction)
 
     error = None

@@ -136,6 +136,8 @@ def sdpa_attention(q, k, v, dropout_p, kv_start, q_slots, window, documents=None
 def attention(q, k, v, backend="sdpa", dropout_p=0.0, kv_start=None, q_slots=None, window=None,
               documents=None) -> torch.Tensor:
     """Causal attention of q over k, v with the chosen backend; returns (B, H, Tq, D)."""
+    if backend == "auto" and documents is not None:  # our kernel has no packed documents yet
+        backend = "sdpa"
     backend = resolve_backend(backend, q.size(-1), q.dtype, q.device, dropout_p)
     if backend == "triton":
         if dropout_p:

@@ -5,6 +5,8 @@
     python sample.py --prompt "class " --prompt "import " --num_samples 2 --stop "\\n\\n"
     python sample.py --prompt "def " --attention_png attn.png --attention_layer -1 --attention_head 0
     python sample.py --ckpt out --compile --quantize int8             # a compiled decode step, int8 weights
+    python sample.py --ckpt out --chat --prompt "What is 2 + 2?"      # one user message, the model's chat template
+    python sample.py --ckpt out --chat --prompt_file conversation.json --temperature 0   # a JSON list of messages
 """
 import re
 import sys
@@ -15,9 +17,12 @@ import torch
 import llm
 from llm import runtime
 from llm.errors import ArgumentParser, HelpFormatter, UserError, exit_on_user_error
+from llm.formats.load import chat_template
+from llm.infer.chat import chat_prompt, read_conversation
 from llm.infer.generate import CompiledStep, Sampling, check_compile_backend, complete, decode_one
 from llm.infer.quantize import METHODS, check_method, for_decoding
 from llm.infer.viz import check_layer_and_head, save_attention_map
+from llm.model.chat import end_of_turn
 
 
 def parse(argv):
@@ -25,6 +30,10 @@ def parse(argv):
     p.add_argument("--ckpt", default="out", help="run directory, checkpoint folder, Hugging Face directory or GGUF file")
     p.add_argument("--prompt", action="append", help="prompt text, '-' for stdin; repeat for a batch")
     p.add_argument("--prompt_file", action="append", help="a file whose whole text is one prompt; repeatable")
+    p.add_argument("--chat", action="store_true",
+                   help="apply the model's chat template: each --prompt is a user message, each --prompt_file a JSON "
+                        "conversation (a list of messages); the reply stops at the template's end of turn")
+    p.add_argument("--system", help="with --chat: a system message before each --prompt")
     p.add_argument("--num_samples", type=int, default=1, help="completions per prompt")
     p.add_argument("--max_new_tokens", type=int, default=200, help="tokens to generate per completion")
     p.add_argument("--temperature", type=float, default=0.8, help="0 is greedy")
@@ -80,6 +89,18 @@ def read_prompts(args) -> list[str]:
     return prompts or [""]
 
 
+def read_chats(args, tokenizer, template) -> list[list[int]]:
+    """--chat: each --prompt as a user message (after --system, if given), each --prompt_file as a
+    JSON conversation; rendered with the generation prompt and tokenized."""
+    system = [{"role": "system", "content": args.system}] if args.system else []
+    conversations = [system + [{"role": "user", "content": sys.stdin.read() if p == "-" else p}]
+                     for p in args.prompt or []]
+    conversations += [read_conversation(path) for path in args.prompt_file or []]
+    if not conversations:
+        raise UserError("--chat needs a --prompt (a user message) or a --prompt_file (a JSON conversation)")
+    return [chat_prompt(tokenizer, template, c) for c in conversations]
+
+
 def main(argv) -> int:
     with exit_on_user_error():
         args = parse(argv)
@@ -95,16 +116,26 @@ def main(argv) -> int:
         if args.attention:
             model.set_attention(args.attention)
         for_decoding(model, args.quantize, args.compile)  # the layout one-token steps read fastest
-        prompts = [p for p in read_prompts(args) for _ in range(args.num_samples)]
+        stop_ids = ()
+        if args.chat:
+            template = chat_template(args.ckpt)
+            if template is None:
+                raise UserError(f"{args.ckpt} has no chat template (chat_template.jinja, or chat_template in "
+                                "tokenizer_config.json): fine-tune it with train.py --task sft, or sample without --chat")
+            stop_ids = tuple(i for i in [end_of_turn(template, tokenizer.special_ids)] if i is not None)
+            prompts = [p for p in read_chats(args, tokenizer, template) for _ in range(args.num_samples)]
+        else:
+            prompts = [p for p in read_prompts(args) for _ in range(args.num_samples)]
         stream = len(prompts) == 1
-        if stream:
+        if stream and not args.chat:  # (a chat prints the reply only)
             print(prompts[0], end="", flush=True)
         decode_step = CompiledStep(args.compile) if args.compile else decode_one
         start = time.perf_counter()
         try:
             results = complete(model, tokenizer, prompts, args.max_new_tokens, sampling, seed=args.seed, stop=args.stop,
                                on_text=(lambda row, text: print(text, end="", flush=True)) if stream else None,
-                               use_cache=not args.no_cache, truncate=args.truncate_prompt, decode_step=decode_step)
+                               use_cache=not args.no_cache, truncate=args.truncate_prompt, decode_step=decode_step,
+                               stop_ids=stop_ids)
         except ValueError as e:
             raise UserError(f"{e} (pass --truncate_prompt to drop the prompt's left side)" if "exceeds" in str(e) else str(e))
         except torch._dynamo.exc.TorchDynamoException as e:  # e.g. no C++ compiler for inductor on CPU
@@ -120,7 +151,7 @@ def main(argv) -> int:
             print()
         else:
             for prompt, result in zip(prompts, results):
-                print(prompt + result["text"])
+                print(result["text"] if args.chat else prompt + result["text"])
                 print("-" * 40)
         n_tokens = sum(len(r["ids"]) for r in results)
         how = ["no cache" if args.no_cache else "KV cache", f"device {device}", f"dtype {dtype}", runtime.threads()]

@@ -26,7 +26,9 @@ def option(default, help: str, flag: bool = False):
     return field(default=default, metadata={"help": help, "flag": flag})
 
 
-TRAIN_CHOICES = {"optimizer": ("adamw", "muon"), "schedule": ("cosine", "wsd")}
+TRAIN_CHOICES = {"optimizer": ("adamw", "muon"), "schedule": ("cosine", "wsd"), "task": ("pretrain", "sft"),
+                 "train_on": ("assistant", "last_assistant")}
+LORA_TARGETS = ("wqkv", "wo", "w1", "w2", "w3")  # the linear layers of a block (llm/model/lora.py)
 MODEL_CHOICES = {
     "norm": ("rmsnorm", "layernorm"),
     "norm_position": ("pre", "post"),
@@ -113,6 +115,18 @@ class TrainConfig:
     tokenizer: str | None = option(None, "a tokenizer.json (or a folder holding one) to use instead of training one")
     tokenizer_train_bytes: int = option(50_000_000, "at most this much text trains the tokenizer")
     seed: int = option(1337, "seeds initialization, data windows and dropout")
+    # fine-tuning (task=sft: conversations, llm/train/chat_data.py; docs/finetune.md)
+    task: str = option("pretrain", "pretrain (plain text, every token a target) | sft (conversations in the model's "
+                                   "chat template, loss on assistant turns only)")
+    train_on: str = option("assistant", "sft: the turns whose tokens are targets: assistant (every assistant turn) | "
+                                        "last_assistant (the last one only)")
+    packing: bool = option(True, "sft: pack several conversations into each window (attention and positions kept "
+                                 "per conversation); false: one conversation per row, padded")
+    lora_rank: int = option(0, "LoRA: rank of the adapters (0: off, every weight trains)")
+    lora_alpha: float = option(16.0, "LoRA: the adapters' update is scaled by lora_alpha / lora_rank")
+    lora_dropout: float = option(0.05, "LoRA: dropout on the adapters' input")
+    lora_targets: str = option("wqkv,wo,w1,w2,w3", f"LoRA: the linear layers of each block that get adapters, "
+                                                   f"comma-separated, of {', '.join(LORA_TARGETS)}")
     # optimization
     batch_size: int = option(16, "sequences per process per micro-step")
     grad_accum: int = option(1, "micro-steps per optimizer step")
@@ -164,6 +178,23 @@ class TrainConfig:
         for name in ("weight_decay", "grad_clip"):
             if not (math.isfinite(getattr(self, name)) and getattr(self, name) >= 0):
                 raise UserError(f"{name} must be >= 0, got {getattr(self, name)}")
+        self.check_lora()
+
+    def check_lora(self):
+        if self.lora_rank < 0:
+            raise UserError(f"lora_rank must be >= 0, got {self.lora_rank}")
+        if not self.lora_rank:
+            return
+        targets = [t.strip() for t in self.lora_targets.split(",") if t.strip()]
+        unknown = [t for t in targets if t not in LORA_TARGETS]
+        if not targets or unknown:
+            raise UserError(f"lora_targets={self.lora_targets!r}: choose from {', '.join(LORA_TARGETS)}")
+        if not 0 <= self.lora_dropout < 1 or not (math.isfinite(self.lora_alpha) and self.lora_alpha > 0):
+            raise UserError(f"lora_dropout must be in [0, 1) and lora_alpha positive, got {self.lora_dropout} and "
+                            f"{self.lora_alpha}")
+        if self.optimizer != "adamw":
+            raise UserError("lora_rank: the adapters train with optimizer=adamw only (Muon orthogonalizes whole "
+                            "matrices, not low-rank factors)")
 
 
 @dataclass

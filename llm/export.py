@@ -7,12 +7,12 @@
     python -m llm.export --ckpt out --out hf/my-model --overwrite       # replace an earlier export
 
 A Hugging Face directory holds config.json, generation_config.json, model.safetensors,
-tokenizer.json, tokenizer_config.json (and chat_template.jinja when the model has a template),
-of the family the model's settings make it: Llama, Mistral (sliding_window), Qwen2 (qkv_bias)
-or Qwen3 (qk_norm); AutoModelForCausalLM and AutoTokenizer read it, and so do llm.load and
-sample.py. A GGUF file holds the same model for llama.cpp (architecture llama, qwen2 or qwen3)
-with its tokenizer (byte-level BPE) and chat template. Models must be rmsnorm, pre-norm, swiglu
-and rope.
+tokenizer.json, tokenizer_config.json (and chat_template.jinja when the model has a template;
+then generation_config.json also stops at the template's end-of-turn token), of the family the
+model's settings make it: Llama, Mistral (sliding_window), Qwen2 (qkv_bias) or Qwen3 (qk_norm);
+AutoModelForCausalLM and AutoTokenizer read it, and so do llm.load and sample.py. A GGUF file
+holds the same model for llama.cpp (architecture llama, qwen2 or qwen3) with its tokenizer
+(byte-level BPE) and chat template. Models must be rmsnorm, pre-norm, swiglu and rope.
 
 --verify reads the export back (transformers for a Hugging Face directory, our GGUF reader for
 GGUF) and compares it with the source on a fixed prompt: it prints the largest |Δlogit| and how

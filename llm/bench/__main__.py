@@ -1,9 +1,9 @@
-"""python -m llm.bench {train,speedrun,sample,decode} [options]: see llm/bench/__init__.py."""
+"""python -m llm.bench {train,speedrun,sample,decode,finetune} [options]: see llm/bench/__init__.py."""
 import sys
 
 from llm.errors import UserError, exit_on_user_error
 
-COMMANDS = ("train", "speedrun", "sample", "decode")
+COMMANDS = ("train", "speedrun", "sample", "decode", "finetune")
 
 
 def main(argv):
@@ -14,6 +14,8 @@ def main(argv):
             from llm.bench.train import bench_train as command
         elif argv[0] == "speedrun":
             from llm.bench.speedrun import bench_speedrun as command
+        elif argv[0] == "finetune":
+            from llm.bench.finetune import bench_finetune as command
         elif argv[0] == "decode":
             from llm.bench.decode import bench_decode as command
         else:

@@ -31,7 +31,7 @@ from llm.errors import UserError
 from llm.formats.gguf_tokenizer import add_tokenizer, field_value, read_tokenizer
 from llm.formats.hf import family, from_hf, to_hf
 from llm.formats.weights import build_model, check_weights, expected_weights
-from llm.model.chat import ChatTemplate
+from llm.model.chat import ChatTemplate, end_of_turn
 from llm.model.rope import check_scaling, inverse_frequencies, llama3_factors, yarn_attention_factor
 from llm.model.tokenizer import Tokenizer
 from llm.model.transformer import Transformer
@@ -144,6 +144,9 @@ def write_gguf(model: Transformer, tokenizer: Tokenizer, out: Path, outtype: str
     add_tokenizer(writer, tokenizer, config.vocab_size)
     if chat_template is not None:
         writer.add_chat_template(chat_template.source)
+        stop = end_of_turn(chat_template, tokenizer.special_ids)
+        if stop is not None:
+            writer.add_eot_token_id(stop)  # llama.cpp ends a reply there
     names = gguf_names(config, arch)
     for hf_name, tensor in to_hf(model.state_dict(), config).items():
         add_tensor(writer, names[hf_name], llama_cpp_layout(hf_name, tensor, config, arch), outtype)

@@ -26,7 +26,7 @@ from llm.files import read_json, write_json
 from llm.formats.weights import build_model, check_weights, expected_weights, read_safetensors
 from llm.config import ModelConfig
 from llm.errors import UserError
-from llm.model.chat import ChatTemplate, find_template
+from llm.model.chat import ChatTemplate, end_of_turn, find_template
 from llm.model.rope import check_scaling
 from llm.model.transformer import Transformer
 from llm.model.tokenizer import Tokenizer
@@ -357,7 +357,11 @@ def write_hf(model: Transformer, tokenizer: Tokenizer, out: Path, outtype: str =
     save_file(weights, out / "model.safetensors", metadata={"format": "pt"})
     dtype_name = str(dtype).removeprefix("torch.")
     write_json(out / "config.json", hf_config(config, tokenizer.eot_id, dtype_name))
-    write_json(out / "generation_config.json", {"bos_token_id": tokenizer.eot_id, "eos_token_id": tokenizer.eot_id,
+    # A chat model also stops at its template's end of turn (<|im_end|>, ...), as transformers' generate reads it.
+    stop = end_of_turn(template, tokenizer.special_ids) if template is not None else None
+    eos = list(dict.fromkeys(i for i in (tokenizer.eot_id, stop) if i is not None))
+    write_json(out / "generation_config.json", {"bos_token_id": tokenizer.eot_id,
+                                                "eos_token_id": eos[0] if len(eos) == 1 else eos,
                                                 "pad_token_id": tokenizer.eot_id})
     tokenizer.hf.save(str(out / "tokenizer.json"))
     write_json(out / "tokenizer_config.json", {

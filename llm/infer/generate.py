@@ -230,22 +230,24 @@ def prompt_tokens(tokenizer, prompt: str) -> list[int]:
 
 
 @torch.inference_mode()
-def complete(model, tokenizer, prompts: list[str], max_new_tokens: int, sampling: Sampling = Sampling(),
+def complete(model, tokenizer, prompts: list[str | list[int]], max_new_tokens: int, sampling: Sampling = Sampling(),
              seed: int | None = None, stop: tuple[str, ...] = (), on_text: Callable[[int, str], None] | None = None,
-             use_cache: bool = True, truncate: bool = False, decode_step: Callable = decode_one) -> list[dict]:
-    """Complete each prompt; returns per row {"prompt_ids", "ids", "text"}.
+             use_cache: bool = True, truncate: bool = False, decode_step: Callable = decode_one,
+             stop_ids: tuple[int, ...] = ()) -> list[dict]:
+    """Complete each prompt (text, or token ids as given); returns per row {"prompt_ids", "ids", "text"}.
 
-    Generation of a row ends at the end-of-sequence token (if the tokenizer has one), at a
-    stop string (excluded from the text) or after max_new_tokens. "text" is what the
-    completion adds to the prompt when the tokenizer decodes both together;
-    on_text(row, piece) receives it as it is made. truncate: drop a too-long prompt's left
+    Generation of a row ends at the end-of-sequence token (if the tokenizer has one) or one of
+    stop_ids (a chat template's end of turn), at a stop string (excluded from the text) or after
+    max_new_tokens. "text" is what the completion adds to the prompt when the tokenizer decodes
+    both together; on_text(row, piece) receives it as it is made. truncate: drop a too-long prompt's left
     side instead of failing.
     """
     if max_new_tokens < 0:
         raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
     device = next(model.parameters()).device
     eot = tokenizer.eot_id
-    prompt_ids = [prompt_tokens(tokenizer, p) for p in prompts]
+    stops = [i for i in (eot, *stop_ids) if i is not None]
+    prompt_ids = [list(p) if isinstance(p, list) else prompt_tokens(tokenizer, p) for p in prompts]
     room = model.config.block_size - max_new_tokens
     if truncate:
         if room < 1:
@@ -265,15 +267,15 @@ def complete(model, tokenizer, prompts: list[str], max_new_tokens: int, sampling
     for i, token in enumerate(tokens):
         if not per_step:
             steps.append(token)
-            if eot is not None:
-                finished |= token == eot
+            if stops:
+                finished |= torch.isin(token, torch.tensor(stops, device=device))
                 if i % 16 == 15 and bool(finished.all()):
                     break
             continue
         for row, t in enumerate(token.tolist()):
             if done[row]:
                 continue
-            if t == eot:
+            if t in stops:
                 done[row] = True
                 piece = streams[row].finish()
             else:
@@ -286,7 +288,7 @@ def complete(model, tokenizer, prompts: list[str], max_new_tokens: int, sampling
             break
     if steps:
         for row, seq in enumerate(torch.stack(steps, dim=1).tolist()):
-            ids[row] = seq[: seq.index(eot)] if eot in seq else seq
+            ids[row] = seq[: next((k for k, t in enumerate(seq) if t in stops), len(seq))]
             for t in ids[row]:
                 streams[row].add(t)
             streams[row].finish()

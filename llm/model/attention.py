@@ -10,7 +10,9 @@ slots not yet written are masked and the shapes never change. `kv_start` (B,)
 optionally masks the first kv_start[b] keys of row b: the left padding of a batch
 of prompts with different lengths. `window` (sliding-window attention, Mistral)
 also masks keys `window` or more slots before the query: it sees `window` keys,
-itself included.
+itself included. `documents` (B, T), for windows that pack several documents (fine-tuning
+on conversations): the document index of each position; a query sees only keys of its own
+document, so each is computed as if it were alone (its positions restart too: the model's).
 """
 import functools
 import importlib.util
@@ -69,9 +71,10 @@ def check_runtime(config, backend: str, dropout: float):
 
 
 def causal_mask(q_len: int, kv_len: int, kv_start: torch.Tensor | None, device,
-                q_slots: torch.Tensor | None = None, window: int | None = None) -> torch.Tensor:
-    """Boolean mask, True where attention is allowed: (Tq, Tk), or (B, 1, Tq, Tk) with kv_start or
-    per-row q_slots (B, Tq): the key slot of each query (default: the last Tq slots)."""
+                q_slots: torch.Tensor | None = None, window: int | None = None,
+                documents: torch.Tensor | None = None) -> torch.Tensor:
+    """Boolean mask, True where attention is allowed: (Tq, Tk), or (B, 1, Tq, Tk) with kv_start,
+    documents (B, T) or per-row q_slots (B, Tq): the key slot of each query (default: the last Tq slots)."""
     if q_slots is None:
         q_slots = torch.arange(kv_len - q_len, kv_len, device=device)
     q_slot = q_slots[..., :, None]
@@ -85,6 +88,8 @@ def causal_mask(q_len: int, kv_len: int, kv_start: torch.Tensor | None, device,
         start = kv_start.view(-1, 1, 1, 1)
         # Padding queries see only padding keys, so their (unused) outputs stay finite.
         mask = mask & ((k_slot >= start) | (q_slot < start))
+    if documents is not None:  # queries and keys are the same positions (no cache)
+        mask = mask & (documents[:, None, :, None] == documents[:, None, None, :])
     return mask
 
 
@@ -107,12 +112,13 @@ def triton_attention(q, k, v, kv_start, q_slots, window):
     return flash_attention(q, k, v, causal=True, kv_start=kv_start, kv_end=kv_end, window=window)
 
 
-def sdpa_attention(q, k, v, dropout_p, kv_start, q_slots, window):
+def sdpa_attention(q, k, v, dropout_p, kv_start, q_slots, window, documents=None):
     q_len, kv_len = q.size(2), k.size(2)
-    # Without padding, a static cache or a window that cuts, full-length and single-query calls
-    # need no explicit mask, which keeps SDPA on its fused kernels.
-    plain = kv_start is None and q_slots is None and q_len in (1, kv_len) and (window is None or window >= kv_len)
-    mask = None if plain else causal_mask(q_len, kv_len, kv_start, q.device, q_slots, window)
+    # Without padding, a static cache, packed documents or a window that cuts, full-length and
+    # single-query calls need no explicit mask, which keeps SDPA on its fused kernels.
+    plain = (kv_start is None and q_slots is None and documents is None and q_len in (1, kv_len)
+             and (window is None or window >= kv_len))
+    mask = None if plain else causal_mask(q_len, kv_len, kv_start, q.device, q_slots, window, documents)
     B, H, _, D = q.shape
     groups = H // k.size(1)
     if q_len == 1 and groups > 1:
@@ -125,16 +131,21 @@ def sdpa_attention(q, k, v, dropout_p, kv_start, q_slots, window):
                                           is_causal=plain and q_len > 1, enable_gqa=groups > 1)
 
 
-def attention(q, k, v, backend="sdpa", dropout_p=0.0, kv_start=None, q_slots=None, window=None) -> torch.Tensor:
+def attention(q, k, v, backend="sdpa", dropout_p=0.0, kv_start=None, q_slots=None, window=None,
+              documents=None) -> torch.Tensor:
     """Causal attention of q over k, v with the chosen backend; returns (B, H, Tq, D)."""
+    if backend == "auto" and documents is not None:  # our kernel has no packed documents yet
+        backend = "sdpa"
     backend = resolve_backend(backend, q.size(-1), q.dtype, q.device, dropout_p)
     if backend == "triton":
         if dropout_p:
             raise ValueError("the triton attention backend has no attention dropout")
+        if documents is not None:
+            raise ValueError("the triton attention backend has no packed documents yet: use attention=sdpa")
         return triton_attention(q, k, v, kv_start, q_slots, window)
     if backend == "naive":
-        mask = causal_mask(q.size(2), k.size(2), kv_start, q.device, q_slots, window)
+        mask = causal_mask(q.size(2), k.size(2), kv_start, q.device, q_slots, window, documents)
         return naive_attention(q, k, v, mask, dropout_p)[0]
     if backend == "sdpa":
-        return sdpa_attention(q, k, v, dropout_p, kv_start, q_slots, window)
+        return sdpa_attention(q, k, v, dropout_p, kv_start, q_slots, window, documents)
     raise ValueError(f"unknown attention backend {backend!r}; choose from {BACKENDS}")

@@ -2,7 +2,9 @@
 
 We train byte-level BPE (every string is first turned into UTF-8 bytes, so any text
 round-trips losslessly and there is no unknown token), with `<|endoftext|>` between
-documents. Loaded tokenizer.json files may be of any family (byte-level BPE as in GPT-2,
+documents and the default chat template's two markers, `<|im_start|>` and `<|im_end|>`,
+reserved as special tokens (llm/model/chat.py), so a run pretrained from now on can be
+fine-tuned on conversations without growing its embedding. Loaded tokenizer.json files may be of any family (byte-level BPE as in GPT-2,
 Llama 3, Qwen; SentencePiece-style BPE with Metaspace and byte fallback as in Llama 2,
 Mistral, TinyLlama); their end-of-sequence token is read from the files beside them.
 
@@ -23,6 +25,7 @@ from tokenizers import Tokenizer as HFTokenizer
 from tokenizers import decoders, models, pre_tokenizers, trainers
 
 from llm.errors import UserError
+from llm.model.chat import TURN_END, TURN_START
 
 EOT = "<|endoftext|>"
 # End-of-sequence tokens of common families, tried in order when no file names one.
@@ -48,7 +51,7 @@ class Tokenizer:
         tokenizer.decoder = decoders.ByteLevel()
         trainer = trainers.BpeTrainer(
             vocab_size=vocab_size,
-            special_tokens=[EOT],
+            special_tokens=[EOT, TURN_START, TURN_END],
             initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
             show_progress=False,
         )
@@ -68,6 +71,18 @@ class Tokenizer:
         except Exception as e:  # tokenizers raises plain Exception on bad files
             raise UserError(f"cannot load tokenizer {path}: {e}")
         return cls(hf, find_eos(path.parent, hf) if eos == AUTO else eos)
+
+    def add_special_tokens(self, tokens: list[str]) -> list[str]:
+        """Add those of `tokens` that the vocabulary lacks as special tokens (new ids at its end);
+        returns the ones added."""
+        missing = [t for t in tokens if self.hf.token_to_id(t) is None]
+        self.hf.add_special_tokens(missing)
+        return missing
+
+    @property
+    def special_ids(self) -> dict[str, int]:
+        """The special tokens, text -> id."""
+        return {t.content: i for i, t in self.hf.get_added_tokens_decoder().items() if t.special}
 
     def save(self, path):
         """Atomically: write a temporary file beside the target, then rename it."""

@@ -32,6 +32,14 @@ def sinusoidal_table(max_len: int, dim: int) -> torch.Tensor:
     return table.float()
 
 
+def document_positions(documents: torch.Tensor) -> torch.Tensor:
+    """(B, T) positions counted from the first token of each token's document."""
+    index = torch.arange(documents.size(1), device=documents.device).expand_as(documents)
+    starts = torch.ones_like(documents, dtype=torch.bool)
+    starts[:, 1:] = documents[:, 1:] != documents[:, :-1]
+    return index - torch.where(starts, index, 0).cummax(dim=1).values
+
+
 class Attention(nn.Module):
     def __init__(self, config: ModelConfig, layer_idx: int, backend: str, dropout: float):
         super().__init__()
@@ -47,7 +55,7 @@ class Attention(nn.Module):
         self.dropout = dropout
         self.window = config.sliding_window
 
-    def forward(self, x, rope=None, cache=None, kv_start=None, attn_maps=None, slots=None):
+    def forward(self, x, rope=None, cache=None, kv_start=None, attn_maps=None, slots=None, documents=None):
         B, T, _ = x.shape
         q, k, v = self.wqkv(x).split(
             [self.n_head * self.head_dim, self.n_kv_head * self.head_dim, self.n_kv_head * self.head_dim], dim=-1
@@ -63,9 +71,9 @@ class Attention(nn.Module):
             k, v = cache.update(self.layer_idx, k, v, slots)
         dropout_p = self.dropout if self.training else 0.0
         if attn_maps is None:
-            y = attention(q, k, v, self.backend, dropout_p, kv_start, slots, self.window)
+            y = attention(q, k, v, self.backend, dropout_p, kv_start, slots, self.window, documents)
         else:  # visualization: the textbook computation, keeping the probabilities
-            mask = causal_mask(T, k.size(2), kv_start, x.device, slots, self.window)
+            mask = causal_mask(T, k.size(2), kv_start, x.device, slots, self.window, documents)
             y, probs = naive_attention(q, k, v, mask, dropout_p)
             attn_maps.append(probs)
         return self.wo(y.transpose(1, 2).reshape(B, T, -1))
@@ -105,11 +113,12 @@ class Block(nn.Module):
         self.feed_forward = FeedForward(config)
         self.drop = nn.Dropout(dropout)
 
-    def forward(self, x, rope=None, cache=None, kv_start=None, attn_maps=None, slots=None):
+    def forward(self, x, rope=None, cache=None, kv_start=None, attn_maps=None, slots=None, documents=None):
         if self.pre_norm:
-            x = x + self.drop(self.attention(self.attention_norm(x), rope, cache, kv_start, attn_maps, slots))
+            y = self.attention(self.attention_norm(x), rope, cache, kv_start, attn_maps, slots, documents)
+            x = x + self.drop(y)
             return x + self.drop(self.feed_forward(self.ffn_norm(x)))
-        x = self.attention_norm(x + self.drop(self.attention(x, rope, cache, kv_start, attn_maps, slots)))
+        x = self.attention_norm(x + self.drop(self.attention(x, rope, cache, kv_start, attn_maps, slots, documents)))
         return self.ffn_norm(x + self.drop(self.feed_forward(x)))
 
 
@@ -164,7 +173,7 @@ class Transformer(nn.Module):
         return sum(p.numel() for p in self.parameters())
 
     def forward(self, idx, targets=None, *, positions=None, kv_start=None, cache=None, last_only=False,
-                label_smoothing=0.0, reduction="mean", attn_maps=None):
+                label_smoothing=0.0, reduction="mean", attn_maps=None, documents=None):
         """idx (B, T) token ids -> logits (B, T, vocab), or the cross-entropy if targets are given.
 
         targets: (B, T) next tokens; -1 is ignored. reduction: "mean" over the targets, or "sum".
@@ -175,6 +184,9 @@ class Transformer(nn.Module):
             the same shapes every time); attention reads the whole cache, masked to what is written.
         last_only: compute logits for the last position only (generation).
         attn_maps: a list to which each layer appends its attention probabilities (B, H, T, Tk).
+        documents: (B, T) document index of each token, for windows packing several documents
+            (non-decreasing along a row): attention stays inside each document and positions
+            restart at each one's first token, so each is computed exactly as if it were alone.
         """
         B, T = idx.shape
         if T > self.config.block_size:  # (a cache is never longer than block_size: see KVCache)
@@ -184,6 +196,8 @@ class Transformer(nn.Module):
             positions = torch.arange(T, device=idx.device) if slots is None else slots
             if kv_start is not None:
                 positions = (positions - kv_start[:, None]).clamp(min=0)
+            if documents is not None:
+                positions = document_positions(documents)
         x = self.tok_embeddings(idx)
         if self.pos_embeddings is not None:
             x = x + self.pos_embeddings(positions)
@@ -195,7 +209,7 @@ class Transformer(nn.Module):
             rope = (cos, sin) if positions.dim() == 1 else (cos[:, None], sin[:, None])
         x = self.drop(x)
         for block in self.layers:
-            x = block(x, rope, cache, kv_start, attn_maps, slots)
+            x = block(x, rope, cache, kv_start, attn_maps, slots, documents)
         if cache is not None:
             cache.pos += T
         x = self.norm(x)

@@ -1,7 +1,8 @@
 """What a training step consumes: batches of inputs and targets on the device.
 
-A `Batch` holds token ids and their targets (-1 where a position has no target: padding now,
-masked prompt tokens in fine-tuning) and how many targets count. A batch source gives the
+A `Batch` holds token ids and their targets (-1 where a position has no target: padding,
+masked prompt tokens in fine-tuning), how many targets count, and for windows that pack several
+conversations, which one each position belongs to (llm/train/chat_data.py). A batch source gives the
 training batch of any (step, micro-batch) as a pure function of them, so a resumed run, or the
 same global batch spread over more processes, sees the same data; and the fixed validation
 batches, shared out among the ranks.
@@ -25,6 +26,11 @@ class Batch:
     inputs: torch.Tensor  # (B, T) token ids
     targets: torch.Tensor  # (B, T) next tokens; -1: no target
     n_targets: int  # targets that count (>= 0), known on the host without a device sync
+    documents: torch.Tensor | None = None  # (B, T) which packed document each position is in (fine-tuning)
+
+    def model_inputs(self) -> dict:
+        """The keyword arguments of the model that say how the rows are laid out."""
+        return {} if self.documents is None else {"documents": self.documents}
 
 
 def to_device(array: np.ndarray, device: torch.device) -> torch.Tensor:

@@ -3,10 +3,14 @@
 A checkpoint (the folder layout: llm/formats/run_dir.py) is written into a temporary folder
 and renamed into place; older ones are deleted only after that, so a crash at any instant
 leaves the previous checkpoint loadable. trainer.json is written last: its presence marks a
-complete checkpoint. A write that fails for want of space (ENOSPC, EDQUOT, or EFBIG under a
-file-size limit) removes the half-written folder and ends the run with one line (how much the
-checkpoint needs, and where). Data windows and dropout masks are functions of (seed, step,
-micro-batch), so restoring the step restores the data position and the random state.
+complete checkpoint. A fine-tuning run's checkpoint also holds its chat template
+(chat_template.jinja: export and GGUF carry it) and, with LoRA, model.safetensors holds the
+merged weights (a plain model for llm.load and export), adapter.safetensors the adapters alone,
+and state/ the base weights and adapters apart, for an exact resume. A write that fails for want
+of space (ENOSPC, EDQUOT, or EFBIG under a file-size limit) removes the half-written folder and
+ends the run with one line (how much the checkpoint needs, and where). Data windows and dropout
+masks are functions of (seed, step, micro-batch), so restoring the step restores the data
+position and the random state.
 """
 import errno
 import os
@@ -32,6 +36,8 @@ from llm.config import RunConfig
 from llm.errors import UserError
 from llm.files import read_json, sync_dir, write_json
 from llm.formats.run_dir import checkpoints, latest, step_of
+from llm.model.chat import ChatTemplate
+from llm.model.lora import ADAPTER_FILE, lora_scale, merged, save_adapters
 from llm.model.tokenizer import Tokenizer
 from llm.train.distributed import Dist, any_rank, barrier
 
@@ -84,7 +90,8 @@ def unwrapped_state_dict(model) -> dict:
     return {k: v.contiguous() for k, v in sd.items()}
 
 
-def save(run_dir: Path, progress: Progress, model, optimizers, tokenizer: Tokenizer, run: RunConfig, d: Dist):
+def save(run_dir: Path, progress: Progress, model, optimizers, tokenizer: Tokenizer, run: RunConfig, d: Dist,
+         chat_template: ChatTemplate | None = None):
     """Write checkpoint `progress.step` into run_dir and make it the current one (collective
     under torchrun). Out of space: the half-written one is removed and every rank raises UserError."""
     step = progress.step
@@ -92,7 +99,7 @@ def save(run_dir: Path, progress: Progress, model, optimizers, tokenizer: Tokeni
     tmp = run_dir / f".tmp-ckpt-{step:07d}"
     failure = None
     try:
-        write(tmp, progress, model, optimizers, tokenizer, run, d)
+        write(tmp, progress, model, optimizers, tokenizer, run, d, chat_template)
     except BaseException as e:  # DCP's CheckpointException is a BaseException
         failure = no_room_error(e)
         if failure is None:
@@ -112,7 +119,8 @@ def save(run_dir: Path, progress: Progress, model, optimizers, tokenizer: Tokeni
     barrier(d)
 
 
-def write(tmp: Path, progress: Progress, model, optimizers, tokenizer: Tokenizer, run: RunConfig, d: Dist):
+def write(tmp: Path, progress: Progress, model, optimizers, tokenizer: Tokenizer, run: RunConfig, d: Dist,
+          chat_template: ChatTemplate | None):
     """The checkpoint's files, in tmp: the sharded state by every rank, the rest by the first."""
     if d.is_main:
         shutil.rmtree(tmp, ignore_errors=True)  # left by a crash
@@ -122,7 +130,11 @@ def write(tmp: Path, progress: Progress, model, optimizers, tokenizer: Tokenizer
     dcp.save(state, checkpoint_id=tmp / "state")  # every rank writes its own shards
     weights = unwrapped_state_dict(model)
     if d.is_main:
-        save_file(weights, tmp / "model.safetensors")
+        save_file(merged(weights, lora_scale(run.train)), tmp / "model.safetensors")
+        if run.train.lora_rank:
+            save_adapters(weights, run.train, tmp / ADAPTER_FILE)
+        if chat_template is not None:
+            chat_template.save(tmp)
         write_json(tmp / "config.json", asdict(run.model))
         write_json(tmp / "run.json", run.to_saved())
         tokenizer.save(tmp / "tokenizer.json")

@@ -20,7 +20,9 @@ from llm.train.checkpoint import Resume, resume_point
 from llm.train.data import normalize_data_spec
 
 # Training settings that decide which tokens the run trains and validates on: a resumed run keeps them.
-DATA_FIELDS = ("data", "tokenizer", "tokenizer_train_bytes", "val_fraction", "seed")
+DATA_FIELDS = ("data", "tokenizer", "tokenizer_train_bytes", "val_fraction", "seed", "task", "train_on", "packing")
+# LoRA settings that decide which parameters exist and train: a resumed run keeps them too.
+ADAPTER_FIELDS = ("lora_rank", "lora_targets", "lora_alpha")
 
 
 def given_settings(name: str | None, overrides: dict) -> tuple[dict, dict]:
@@ -83,6 +85,8 @@ def continue_settings(saved: RunConfig, from_file: dict, from_cli: dict, init_fr
         if key in DATA_FIELDS:
             raise UserError(f"--resume keeps the run's data: cannot change {key} ({before[key]} -> {after[key]}); "
                             "start a new run with --init_from to train on other data")
+        if key in ADAPTER_FIELDS:
+            raise UserError(f"--resume keeps the run's adapters: cannot change {key} ({before[key]} -> {after[key]})")
     if changed and os.environ.get("RANK", "0") == "0":
         print("resuming with changed settings: " + ", ".join(f"{k} {before[k]} -> {after[k]}" for k in changed))
     return run

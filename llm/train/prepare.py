@@ -5,7 +5,8 @@
 
     prepare(config, resume, d, out) -> PreparedRun
         tokenizer and data      from the checkpoint, a file, or trained; tokenized and cached
-        model                   new, from --init_from's weights, or the checkpoint's
+                                (task=sft: conversations in the chat template, llm/train/chat_data.py)
+        model                   new, from --init_from's weights, or the checkpoint's; LoRA adapters
         dtype                   --dtype, `auto` decided once per run (llm/runtime.py)
         placed, parallelized    on the device, FSDP2 under torchrun, activation checkpointing
         optimizers              and, when resuming, their state and the model's
@@ -27,11 +28,14 @@ from llm import runtime
 from llm.config import RunConfig, describe, flatten
 from llm.errors import UserError
 from llm.files import write_json
-from llm.formats.load import load, load_tokenizer
+from llm.formats.load import chat_template, load, load_tokenizer
+from llm.model.chat import TURN_END, TURN_START, ChatTemplate
+from llm.model.lora import add_lora
 from llm.model.tokenizer import Tokenizer
 from llm.model.transformer import Transformer
 from llm.train import out_dir
 from llm.train.batches import WindowBatches
+from llm.train.chat_data import ChatBatches, prepare_chats
 from llm.train.checkpoint import Progress, Resume, checkpoint_bytes, human_bytes, load_training_state
 from llm.train.data import open_corpus, prepare_tokens, split_tokens, train_or_load_tokenizer
 from llm.train.distributed import Dist, any_rank, parallelize, sum_across_ranks
@@ -45,7 +49,8 @@ class PreparedRun:
     d: Dist
     out: Path
     tokenizer: Tokenizer
-    batches: WindowBatches
+    chat_template: ChatTemplate | None  # task=sft: the template the run trains on, saved with it
+    batches: WindowBatches | ChatBatches
     model: torch.nn.Module  # placed and parallelized: what checkpoints save
     step_model: torch.nn.Module  # what steps call: the model, compiled when asked
     optimizers: list
@@ -80,11 +85,13 @@ def claim_out_dir(config: RunConfig, resume: Resume | None, d: Dist):
 
 def prepare(config: RunConfig, resume: Resume | None, d: Dist, out: Path) -> PreparedRun:
     init_from = Path(config.launch.init_from).expanduser() if config.launch.init_from else None
-    tokenizer, batches, data_line = prepare_data(config, d, resume.checkpoint if resume else init_from)
+    tokenizer, template, batches, data_line = prepare_data(config, d, resume.checkpoint if resume else init_from)
 
     torch.manual_seed(config.train.seed)
     model = new_model(config, init_from if resume is None else None)
     n_params, flops = model.num_params(), flops_per_token(model)
+    if config.train.lora_rank:
+        add_lora(model, config.train)
     model.to(d.device)
     progress = resume.progress if resume else Progress()
     dtype = choose_dtype(config, progress, model, d)
@@ -112,12 +119,16 @@ def prepare(config: RunConfig, resume: Resume | None, d: Dist, out: Path) -> Pre
         if resume is not None:
             print(f"resuming from {resume.checkpoint} at step {progress.step}")
         print(f"device: {d.device} x {d.world_size} ({d.device_reason}) | dtype: {dtype} | {runtime.threads()}")
+        trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        if trainable != n_params:
+            print(f"LoRA: {trainable:,} trainable parameters (rank {config.train.lora_rank} on "
+                  f"{config.train.lora_targets}); the {n_params:,} of the model are frozen")
         print(f"parameters: {n_params:,} | global batch: {config.train.batch_size} x {config.train.grad_accum} "
               f"accumulation x {d.world_size} processes = {tokens_per_step:,} tokens/step")
         print(data_line)
         write_json(out / "run.json", config.to_saved())
     return PreparedRun(
-        config=config, d=d, out=out, tokenizer=tokenizer, batches=batches, model=model,
+        config=config, d=d, out=out, tokenizer=tokenizer, chat_template=template, batches=batches, model=model,
         step_model=torch.compile(model) if rt.compile else model, optimizers=optimizers, dtype=dtype.value,
         autocast=torch.autocast(d.device.type, dtype=dtype.value) if use_autocast else contextlib.nullcontext(),
         progress=progress, resumed_from=resume.checkpoint if resume else None, metrics=metrics,
@@ -133,9 +144,9 @@ def warn_if_no_room(out: Path, needed: int):
               "free: saving will fail unless space is made", file=sys.stderr)
 
 
-def prepare_data(config: RunConfig, d: Dist, source: Path | None) -> tuple[Tokenizer, WindowBatches, str]:
+def prepare_data(config: RunConfig, d: Dist, source: Path | None):
     """The run's tokenizer (from `source`, a checkpoint to resume or initialize from; else
-    --tokenizer; else trained on the corpus) and its batches.
+    --tokenizer; else trained on the corpus), its chat template (task=sft) and its batches.
 
     Under torchrun the first process of each node checks the caches (sizes and checksums) or
     builds them while the others wait, then they check sizes only. Each cache entry is built under
@@ -151,6 +162,12 @@ def prepare_data(config: RunConfig, d: Dist, source: Path | None) -> tuple[Token
         tokenizer = Tokenizer.from_file(Path(cfg.tokenizer).expanduser())
     else:
         tokenizer = None
+    template = None
+    if cfg.task == "sft":
+        if tokenizer is None:
+            raise UserError("--task sft fine-tunes a model on conversations: pass --init_from (a run or a Hugging Face "
+                            "directory), or --tokenizer to start from scratch")
+        template = sft_template(config, tokenizer, source, d)
 
     def build(checksum: bool):
         vocab_size = config.model.vocab_size
@@ -158,6 +175,9 @@ def prepare_data(config: RunConfig, d: Dist, source: Path | None) -> tuple[Token
         if tok.vocab_size > config.model.vocab_size:
             raise UserError(f"the tokenizer has {tok.vocab_size} tokens but vocab_size is {config.model.vocab_size}: "
                             f"pass --vocab_size {tok.vocab_size} (or more)")
+        if template is not None:
+            last_only = cfg.train_on == "last_assistant"
+            return tok, prepare_chats(corpus, tok, template, cache_dir, cfg.val_fraction, last_only)
         return tok, prepare_tokens(corpus, tok, cache_dir, cfg.val_fraction, checksum)
 
     error = None
@@ -169,10 +189,34 @@ def prepare_data(config: RunConfig, d: Dist, source: Path | None) -> tuple[Token
     if any_rank(error is not None, d):
         raise error or UserError("another process failed while preparing the data (its error is above)")
     tokenizer, token_dir = built if d.local_rank == 0 else build(checksum=False)
+    if template is not None:
+        batches = ChatBatches(token_dir, config, d, tokenizer)
+        return tokenizer, template, batches, batches.describe()
     splits = split_tokens(token_dir, config.model.block_size)
     line = (f"data: {splits.meta['corpus']}: {len(splits.train):,} training, {len(splits.val):,} validation tokens "
             f"(validation: {splits.how})")
-    return tokenizer, WindowBatches(splits.train, splits.val, config, d, tokenizer), line
+    return tokenizer, None, WindowBatches(splits.train, splits.val, config, d, tokenizer), line
+
+
+def sft_template(config: RunConfig, tokenizer: Tokenizer, source: Path | None, d: Dist) -> ChatTemplate:
+    """The source's chat template, or the default (ChatML) one. The default's two markers must be
+    special tokens: a tokenizer trained before they were reserved gets them now (new ids at the
+    end of its vocabulary), and the model's vocabulary grows to hold them where it must (their
+    embeddings start as the mean of the others: new_model)."""
+    template = chat_template(source) if source is not None else None
+    if template is not None:
+        return template
+    added = tokenizer.add_special_tokens([TURN_START, TURN_END])
+    if added:
+        ids = ", ".join(f"{t} = {tokenizer.hf.token_to_id(t)}" for t in added)
+        grown = tokenizer.vocab_size > config.model.vocab_size
+        if grown:
+            config.model.vocab_size = tokenizer.vocab_size
+        if d.is_main:
+            print(f"note: the tokenizer had no {' and '.join(added)} (the default chat template's markers): added as "
+                  f"special tokens ({ids})" + (f"; the model's vocabulary grows to {tokenizer.vocab_size}, the new "
+                                                "embeddings start as the mean of the others" if grown else ""))
+    return ChatTemplate.default()
 
 
 def new_model(config: RunConfig, init_from: Path | None) -> Transformer:
@@ -180,8 +224,20 @@ def new_model(config: RunConfig, init_from: Path | None) -> Transformer:
     model = Transformer(config.model, config.runtime.attention, config.train.dropout)
     if init_from is not None:
         source, _ = load(init_from, dtype=torch.float32)
-        model.load_state_dict(source.state_dict())
+        model.load_state_dict(grown_vocabulary(source.state_dict(), config.model.vocab_size))
     return model
+
+
+def grown_vocabulary(state_dict: dict, vocab_size: int) -> dict:
+    """The embedding (and an untied output head) with rows added up to vocab_size, each the mean
+    of the existing rows (new tokens start where the model's average token is, as transformers'
+    resize_token_embeddings does)."""
+    for name in ("tok_embeddings.weight", "output.weight"):
+        weight = state_dict.get(name)
+        if weight is not None and weight.size(0) < vocab_size:
+            mean = weight.mean(dim=0, keepdim=True).expand(vocab_size - weight.size(0), -1)
+            state_dict[name] = torch.cat([weight, mean])
+    return state_dict
 
 
 def choose_dtype(config: RunConfig, progress: Progress, model, d: Dist) -> runtime.Choice:

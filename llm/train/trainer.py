@@ -96,7 +96,7 @@ def train_step(run: PreparedRun, step: int) -> tuple[torch.Tensor, torch.Tensor,
             run.model.set_requires_gradient_sync(micro == cfg.grad_accum - 1)
         with run.autocast:
             loss = run.step_model(batch.inputs, batch.targets, label_smoothing=cfg.label_smoothing,
-                                  reduction="sum") / per_rank
+                                  reduction="sum", **batch.model_inputs()) / per_rank
         loss.backward()
         step_loss += loss.detach()
     grad_norm = torch.nn.utils.clip_grad_norm_(run.model.parameters(), cfg.grad_clip or float("inf"))
@@ -119,7 +119,7 @@ def evaluate(run: PreparedRun) -> dict:
     total = torch.zeros(2, device=d.device, dtype=torch.float64)
     for batch in run.batches.validation():
         with run.autocast:
-            logits = model(batch.inputs)
+            logits = model(batch.inputs, **batch.model_inputs())
         loss = F.cross_entropy(logits.flatten(0, 1).float(), batch.targets.flatten(), ignore_index=-1, reduction="sum")
         total += torch.stack([loss.double(), torch.tensor(float(batch.n_targets), device=d.device, dtype=torch.float64)])
     model.train()
@@ -173,7 +173,8 @@ def save(run: PreparedRun, train_seconds: float, bar):
     run.progress.train_seconds = train_seconds
     run.progress.wandb_id = run.metrics.wandb_id
     try:
-        checkpoint.save(run.out, run.progress, run.model, run.optimizers, run.tokenizer, run.config, run.d)
+        checkpoint.save(run.out, run.progress, run.model, run.optimizers, run.tokenizer, run.config, run.d,
+                        run.chat_template)
     except UserError:  # no room: the one line goes below the bar, not onto it
         bar.close()
         raise

@@ -300,3 +300,28 @@ def test_prompt_completion_rows_and_plain_text(chats, cache_dir, tmp_path, capsy
     with pytest.raises(SystemExit):
         train_main(sft_args({**chats, "jsonl": tmp_path / "notes.txt"}, cache_dir, tmp_path / "p", "--max_steps", "1"))
     assert "reads conversations from .jsonl, .json or .parquet" in capsys.readouterr().err
+
+
+def test_gguf_export_carries_the_template_and_its_end_of_turn(finetuned, chats, tmp_path, capsys):
+    """The GGUF file holds the run's template and <|im_end|> as end of turn; llama.cpp (not in CI),
+    from the file alone, renders the chat and answers as sample.py --chat does."""
+    import gguf
+
+    from llm.export import main as export_main
+    from llm.formats.load import chat_template
+
+    path = tmp_path / "chat.gguf"
+    assert export_main(["--ckpt", str(finetuned), "--out", str(path)]) == 0
+    reader = gguf.GGUFReader(path)
+    template = reader.fields["tokenizer.chat_template"]
+    assert template.contents() == chat_template(finetuned).source
+    tokenizer = llm.formats.load.load_tokenizer(finetuned)
+    assert reader.fields["tokenizer.ggml.eot_token_id"].contents() == tokenizer.special_ids["<|im_end|>"]
+    llama_cpp = pytest.importorskip("llama_cpp")
+    question = chats["rows"][5]["messages"][0]["content"]
+    lm = llama_cpp.Llama(str(path), n_ctx=256, verbose=False, n_threads=1)
+    try:
+        reply = lm.create_chat_completion([{"role": "user", "content": question}], temperature=0, max_tokens=24)
+    finally:
+        lm.close()
+    assert reply["choices"][0]["message"]["content"] == chat_replies(finetuned, [question], capsys)[0]

@@ -23,6 +23,7 @@ from llm.infer.generate import Sampling, TextStream, complete, generate
 from llm.infer.quantize import for_decoding
 from llm.model.chat import ChatTemplate
 from llm.model.tokenizer import Tokenizer
+from llm.serve.api import chat_stops
 from llm.serve.engine import Engine
 from llm.serve.runner import ModelRunner
 from llm.serve.sequence import Sequence
@@ -155,6 +156,17 @@ def test_chat_equals_the_template_completed(client, reference):
     assert chunks[0].choices[0].delta.role == "assistant"
     assert [c.choices[0].delta.content for c in chunks if c.choices[0].delta.content] == pieces
     assert chunks[-1].choices[0].finish_reason in ("stop", "length")
+
+
+def test_a_turn_ends_at_the_end_of_turn_token_or_text():
+    """ChatML's end of turn stops chat as a token where the tokenizer has it, and as text always."""
+    tokenizer = Tokenizer.train([TEXT], vocab_size=280)
+    template = ChatTemplate.default()
+    assert chat_stops(tokenizer, template) == ({tokenizer.eot_id}, ("<|im_end|>",))
+    tokenizer.hf.add_special_tokens(["<|im_start|>", "<|im_end|>"])
+    ids, texts = chat_stops(tokenizer, template)
+    assert ids == {tokenizer.eot_id, tokenizer.hf.token_to_id("<|im_end|>")} and texts == ("<|im_end|>",)
+    assert chat_stops(tokenizer, ChatTemplate("{{ messages[0]['content'] }}")) == (ids, ())
 
 
 def test_prompt_logprobs_equal_a_float64_forward_pass(client, checkpoint):
@@ -356,9 +368,9 @@ def test_compiled_step_compiles_once_while_requests_come_and_go(seed):
 
     torch._dynamo.reset()
     tokenizer = Tokenizer.train([TEXT], vocab_size=280)
-    model = tiny_model(seed, vocab_size=tokenizer.vocab_size, block_size=48)
+    model = tiny_model(seed, vocab_size=tokenizer.vocab_size, block_size=48, n_layer=1)
     prompts = [torch.randint(0, tokenizer.vocab_size, (n,)).tolist() for n in (5, 13, 2, 8, 1)]
-    lengths = [20, 7, 30, 12, 25]
+    lengths = [10, 4, 12, 6, 9]
     counter = CompileCounter()
     compiled, _ = run_sequences(model, tokenizer, prompts, lengths, counter)
     assert counter.frame_count == 1

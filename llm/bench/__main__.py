@@ -1,9 +1,9 @@
-"""python -m llm.bench {train,speedrun,sample,decode} [options]: see llm/bench/__init__.py."""
+"""python -m llm.bench {train,speedrun,sample,decode,serve} [options]: see llm/bench/__init__.py."""
 import sys
 
 from llm.errors import UserError, exit_on_user_error
 
-COMMANDS = ("train", "speedrun", "sample", "decode")
+COMMANDS = ("train", "speedrun", "sample", "decode", "serve")
 
 
 def main(argv):
@@ -16,6 +16,8 @@ def main(argv):
             from llm.bench.speedrun import bench_speedrun as command
         elif argv[0] == "decode":
             from llm.bench.decode import bench_decode as command
+        elif argv[0] == "serve":
+            from llm.bench.serve import bench_serve as command
         else:
             from llm.bench.sample import bench_sample as command
         command(argv[1:])

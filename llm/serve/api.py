@@ -114,11 +114,9 @@ class Api:
         body = parse(ChatRequest, await request.body())
         ids = self.chat_prompt(body.messages)
         max_tokens = self.max_tokens(body, [ids], body.requested_max_tokens(), None, "messages", lowest=1)
-        known = {self.s.tokenizer.hf.token_to_id(t) for t in END_OF_TURN} | {self.s.tokenizer.eot_id}
-        stop_ids = set() if body.ignore_eos else known - {None}
-        turn_ends = tuple(t for t in END_OF_TURN if t in self.s.template.source)  # in case they are not tokens
+        stop_ids, turn_ends = chat_stops(self.s.tokenizer, self.s.template)
         job = Job(self, body, ChatCompletions(self.s.name, self.token_text, body.logprobs), echo=[""])
-        job.add([(ids, "")], max_tokens, stop_ids, body.stops() + turn_ends,
+        job.add([(ids, "")], max_tokens, set() if body.ignore_eos else stop_ids, body.stops() + turn_ends,
                 (body.top_logprobs or 0) if body.logprobs else None)
         return await job.respond(request)
 
@@ -180,6 +178,14 @@ class Api:
 
     def token_text(self, token: int) -> str:
         return self.s.tokenizer.decode([token])
+
+
+def chat_stops(tokenizer: Tokenizer, template: ChatTemplate) -> tuple[set[int], tuple[str, ...]]:
+    """Where an assistant's turn ends: the end-of-sequence token and the end-of-turn tokens the
+    tokenizer has, and as text the end-of-turn markers the template writes (they are not tokens of
+    a tokenizer trained before they were added)."""
+    ids = {tokenizer.hf.token_to_id(t) for t in END_OF_TURN} | {tokenizer.eot_id}
+    return ids - {None}, tuple(t for t in END_OF_TURN if t in template.source)
 
 
 def text_content(message) -> dict:

@@ -6,7 +6,6 @@ exits 0. The engine alone (no HTTP): idle rows never run past the cache, and the
 compiles once while requests come and go."""
 import asyncio
 import json
-import os
 import signal
 import subprocess
 import sys

@@ -78,7 +78,7 @@ def random_checkpoint(name: str, folder: Path, context: int) -> Path:
 
 
 def decode_options(args) -> list[str]:
-    return [*(["--compile", args.compile] if args.compile else []), *(["--quantize", args.quantize] if args.quantize else [])]
+    return ["--compile", args.compile] * bool(args.compile) + ["--quantize", args.quantize] * bool(args.quantize)
 
 
 def sample_rate(ckpt: Path, prompt: Path, args) -> float:
@@ -135,7 +135,8 @@ async def one_request(client: httpx.AsyncClient, url: str, prompt: list[int], ma
     except (httpx.HTTPError, json.JSONDecodeError) as e:
         return {"ok": False, "error": f"{type(e).__name__}: {e}"}
     if not done or tokens != max_tokens or first is None:
-        return {"ok": False, "error": f"incomplete: {tokens} of {max_tokens} tokens, [DONE] {'' if done else 'not '}seen"}
+        seen = "seen" if done else "not seen"
+        return {"ok": False, "error": f"cut short: {tokens} of {max_tokens} tokens, [DONE] {seen}"}
     return {"ok": True, "ttft": first - start, "per_token": (last - first) / (tokens - 1), "tokens": tokens}
 
 

@@ -83,27 +83,28 @@ async def server_error(request: Request, e: Exception) -> Response:
 
 class Api:
     def __init__(self, served: Served):
-        self.s = served
+        self.served = served
         self.engine = served.engine
 
     async def health(self, request: Request) -> Response:
         alive = self.engine.thread.is_alive()
-        return JSONResponse({"status": "ok" if alive else "engine stopped", **self.engine.stats()}, 200 if alive else 503)
+        status = {"status": "ok" if alive else "engine stopped", **self.engine.stats()}
+        return JSONResponse(status, 200 if alive else 503)
 
     async def models(self, request: Request) -> Response:
         self.authorize(request)
-        model = {"id": self.s.name, "object": "model", "created": self.s.created, "owned_by": "llm-toolkit",
-                 "max_model_len": self.s.config.block_size}
+        model = {"id": self.served.name, "object": "model", "created": self.served.created, "owned_by": "llm-toolkit",
+                 "max_model_len": self.served.config.block_size}
         return JSONResponse({"object": "list", "data": [model]})
 
     async def completions(self, request: Request) -> Response:
         self.authorize(request)
         body = parse(CompletionRequest, await request.body())
         prompts = self.completion_prompts(body.prompt)
-        max_tokens = self.max_tokens(body, [ids for ids, _ in prompts], body.max_tokens, DEFAULT_COMPLETION_TOKENS,
-                                     "prompt", lowest=0 if body.echo else 1)
-        stop_ids = set() if body.ignore_eos or self.s.tokenizer.eot_id is None else {self.s.tokenizer.eot_id}
-        job = Job(self, body, Completions(self.s.name, self.token_text, body.logprobs is not None),
+        max_tokens = self.max_tokens([ids for ids, _ in prompts], body.max_tokens, DEFAULT_COMPLETION_TOKENS, "prompt",
+                                     lowest=0 if body.echo else 1)
+        stop_ids = set() if body.ignore_eos or self.served.tokenizer.eot_id is None else {self.served.tokenizer.eot_id}
+        job = Job(self, body, Completions(self.served.name, self.token_text, body.logprobs is not None),
                   echo=[text if body.echo else "" for _, text in prompts])
         job.add(prompts, max_tokens, stop_ids, body.stops(), body.logprobs,
                 prompt_logprobs=body.echo and body.logprobs is not None)
@@ -113,19 +114,19 @@ class Api:
         self.authorize(request)
         body = parse(ChatRequest, await request.body())
         ids = self.chat_prompt(body.messages)
-        max_tokens = self.max_tokens(body, [ids], body.requested_max_tokens(), None, "messages", lowest=1)
-        stop_ids, turn_ends = chat_stops(self.s.tokenizer, self.s.template)
-        job = Job(self, body, ChatCompletions(self.s.name, self.token_text, body.logprobs), echo=[""])
+        max_tokens = self.max_tokens([ids], body.requested_max_tokens(), None, "messages", lowest=1)
+        stop_ids, turn_ends = chat_stops(self.served.tokenizer, self.served.template)
+        job = Job(self, body, ChatCompletions(self.served.name, self.token_text, body.logprobs), echo=[""])
         job.add([(ids, "")], max_tokens, set() if body.ignore_eos else stop_ids, body.stops() + turn_ends,
                 (body.top_logprobs or 0) if body.logprobs else None)
         return await job.respond(request)
 
     def authorize(self, request: Request):
         """--api_key, sent as OpenAI clients send it: Authorization: Bearer KEY."""
-        if self.s.api_key is None:
+        if self.served.api_key is None:
             return
         scheme, _, key = request.headers.get("authorization", "").partition(" ")
-        if scheme.lower() != "bearer" or not secrets.compare_digest(key.strip().encode(), self.s.api_key.encode()):
+        if scheme.lower() != "bearer" or not secrets.compare_digest(key.strip().encode(), self.served.api_key.encode()):
             raise BadRequest("invalid or missing API key (send 'Authorization: Bearer KEY')", status=401,
                              code="invalid_api_key")
 
@@ -137,47 +138,43 @@ class Api:
         for p in prompt:
             if isinstance(p, str):
                 try:
-                    result.append((prompt_tokens(self.s.tokenizer, p), p))
+                    result.append((prompt_tokens(self.served.tokenizer, p), p))
                 except ValueError as e:
                     raise BadRequest(str(e), "prompt")
                 continue
-            if not all(0 <= t < self.s.config.vocab_size for t in p):
-                raise BadRequest(f"token ids must be in 0..{self.s.config.vocab_size - 1}", "prompt")
-            result.append((p, self.s.tokenizer.decode(p)))
+            if not all(0 <= t < self.served.config.vocab_size for t in p):
+                raise BadRequest(f"token ids must be in 0..{self.served.config.vocab_size - 1}", "prompt")
+            result.append((p, self.served.tokenizer.decode(p)))
         return result
 
     def chat_prompt(self, messages: list[dict]) -> list[int]:
         """The conversation through the chat template, tokenized as transformers does (the template
         writes any BOS itself: no special tokens added)."""
-        if self.s.template is None:
+        if self.served.template is None:
             raise BadRequest("this model has no chat template: use /v1/completions", "messages")
         try:
-            text = self.s.template.render(check_messages([text_content(m) for m in messages]),
+            text = self.served.template.render(check_messages([text_content(m) for m in messages]),
                                           add_generation_prompt=True)
         except UserError as e:
             raise BadRequest(str(e), "messages")
-        ids = self.s.tokenizer.hf.encode(text, add_special_tokens=False).ids
+        ids = self.served.tokenizer.hf.encode(text, add_special_tokens=False).ids
         if not ids:
             raise BadRequest("the conversation renders to no tokens", "messages")
         return ids
 
-    def max_tokens(self, body: Common, prompts: list[list[int]], requested: int | None, default: int | None,
-                   param: str, lowest: int) -> int:
+    def max_tokens(self, prompts: list[list[int]], requested: int | None, default: int | None, param: str,
+                   lowest: int) -> int:
         """Tokens to generate per sequence: as requested, else the default within what the context leaves."""
-        context, longest = self.s.config.block_size, max(len(p) for p in prompts)
+        context, longest = self.served.config.block_size, max(len(p) for p in prompts)
         n = requested if requested is not None else min(default or context, context - longest)
-        if longest + n > context or n < lowest:
-            raise BadRequest(f"this model's context is {context} tokens: the prompt has {longest} and "
-                             f"max_tokens={n} asks for {n} more; shorten the prompt or lower max_tokens",
-                             param, code="context_length_exceeded")
-        rows, capacity = len(prompts) * body.n, self.engine.scheduler.slots + self.engine.scheduler.max_waiting
-        if rows > capacity:
-            raise BadRequest(f"this request needs {rows} sequences (prompts x n); the server holds at most "
-                             f"{capacity} at once", "n")
+        if longest + max(n, lowest) > context:
+            asked = f" and max_tokens={n} asks for {n} more" if requested is not None else ""
+            raise BadRequest(f"this model's context is {context} tokens: the prompt has {longest}{asked}; shorten "
+                             "the prompt or lower max_tokens", param, code="context_length_exceeded")
         return n
 
     def token_text(self, token: int) -> str:
-        return self.s.tokenizer.decode([token])
+        return self.served.tokenizer.decode([token])
 
 
 def chat_stops(tokenizer: Tokenizer, template: ChatTemplate) -> tuple[set[int], tuple[str, ...]]:
@@ -210,15 +207,20 @@ class Job:
 
     def add(self, prompts, max_tokens: int, stop_ids: set, stops: tuple, logprobs: int | None,
             prompt_logprobs: bool = False):
-        tokenizer, sampling, n = self.api.s.tokenizer, self.body.sampling(), self.body.n
+        tokenizer, device = self.api.served.tokenizer, self.api.served.device
+        sampling, n = self.body.sampling(), self.body.n
         for p, (ids, _) in enumerate(prompts):
             for c in range(n):
                 seed = secrets.randbits(63) if self.body.seed is None else (self.body.seed + c) % 2**63
-                generator = None if sampling.temperature == 0 else torch.Generator(self.api.s.device).manual_seed(seed)
+                generator = None if sampling.temperature == 0 else torch.Generator(device).manual_seed(seed)
                 self.seqs.append(Sequence(p * n + c, ids, max_tokens, TextStream(tokenizer, stops, ids), self.deliver,
                                           sampling, generator, frozenset(stop_ids), logprobs, prompt_logprobs))
 
     async def respond(self, request: Request) -> Response:
+        scheduler = self.api.engine.scheduler
+        if len(self.seqs) > scheduler.slots + scheduler.max_waiting:
+            raise BadRequest(f"this request needs {len(self.seqs)} sequences (prompts x n); the server holds at "
+                             f"most {scheduler.slots + scheduler.max_waiting} at once", "n")
         try:
             self.api.engine.submit(self.seqs)
         except QueueFull:

@@ -144,7 +144,7 @@ class ChatRequest(Common):
 def parse(cls: type[Common], raw: bytes) -> Common:
     """A request body -> a checked request, or BadRequest saying what is wrong, in one line."""
     try:
-        data = json.loads(raw)
+        data = json.loads(raw, parse_constant=not_json)
     except (ValueError, UnicodeDecodeError) as e:
         raise BadRequest(f"the body is not valid JSON: {e}")
     if not isinstance(data, dict):
@@ -152,22 +152,27 @@ def parse(cls: type[Common], raw: bytes) -> Common:
     try:
         request = cls.model_validate(data)
     except ValidationError as e:
-        raise describe(cls, e.errors(include_url=False)[0])
+        raise describe(cls, e.errors(include_url=False)[0], data)
     request.check()
     return request
 
 
-def describe(cls: type[Body], error: dict) -> BadRequest:
-    loc = [str(part) for part in error["loc"]]
-    name = loc[0] if loc else None
+def not_json(constant: str):
+    raise ValueError(f"{constant} is not a JSON number")  # Python's json reads NaN and Infinity
+
+
+def describe(cls: type[Body], error: dict, data: dict) -> BadRequest:
+    """A pydantic error as one line: the field, what it must be (its description), what it was."""
+    path = ".".join(str(part) for part in error["loc"])
+    name = str(error["loc"][0]) if error["loc"] else None
     if error["type"] == "extra_forbidden":
-        return BadRequest(f"unknown field {'.'.join(loc)!r}", ".".join(loc))
+        return BadRequest(f"unknown field {path!r}", path)
     if error["type"] == "missing":
-        return BadRequest(f"{'.'.join(loc)!r} is required", ".".join(loc))
+        return BadRequest(f"{path!r} is required", path)
     field = cls.model_fields.get(name)
-    if field is None or len(loc) > 1 and name == "stream_options":
-        return BadRequest(f"{'.'.join(loc)}: {error['msg']}", ".".join(loc))
-    return BadRequest(f"{name} must be {field.description}, got {json.dumps(error['input'])[:80]}", name)
+    if field is None:
+        return BadRequest(f"{path}: {error['msg']}", path)
+    return BadRequest(f"{name} must be {field.description}, got {json.dumps(data.get(name))[:80]}", name)
 
 
 def request_id(prefix: str) -> str:

@@ -132,10 +132,18 @@ def test_completions_equal_sample_output(client, reference):
                                        top_p=1.0, stream=True, stream_options={"include_usage": True})
     chunks = list(stream)
     assert [c.choices[0].text for c in chunks if c.choices and c.choices[0].text] == pieces
-    assert chunks[-1].usage.completion_tokens == len(model_ids(reference, PROMPTS[1], 30, 0.9, 1234))
+    assert chunks[-1].usage.completion_tokens == len(sampled_ids(reference, PROMPTS[1], 30, 0.9, 1234))
 
 
-def model_ids(reference, prompt, max_tokens, temperature, seed) -> list[int]:
+def test_choices_sample_with_their_own_seeds(client, reference):
+    """Prompts x n choices: choice i * n + j of prompt i samples with seed + j, as complete() does alone."""
+    prompts = PROMPTS[1:3]
+    response = client.completions.create(model="m", prompt=prompts, n=2, max_tokens=12, temperature=1.0, seed=77)
+    texts = [c.text for c in sorted(response.choices, key=lambda c: c.index)]
+    assert texts == [expected(reference, p, 12, temperature=1.0, seed=77 + j)[0] for p in prompts for j in range(2)]
+
+
+def sampled_ids(reference, prompt, max_tokens, temperature, seed) -> list[int]:
     """The tokens sampled (an end-of-sequence token included, as usage counts it)."""
     model, tokenizer = reference
     ids = complete(model, tokenizer, [prompt], max_tokens, Sampling(temperature), seed=seed)[0]["ids"]
@@ -326,6 +334,21 @@ def test_api_key_and_sigterm(checkpoint, tmp_path):
         assert time.monotonic() - signalled < 5 + 10  # the stated time, and room for a loaded machine
     finally:
         stop_server(proc)
+
+
+def test_serving_benchmark_runs(checkpoint, tmp_path):
+    """python -m llm.bench serve end to end at a tiny size: every level's requests complete, whole."""
+    out = tmp_path / "serve.json"
+    command = [sys.executable, "-m", "llm.bench", "serve", "--ckpt", str(checkpoint), "--clients", "1,3",
+               "--requests", "2", "--prompt_tokens", "5", "--max_tokens", "6", "--max_batch", "2", "--json", str(out)]
+    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    run = json.loads(out.read_text())["runs"][0]
+    assert run["server_exit_status"] == 0 and run["sample_tokens_per_s"] > 0
+    for row, clients in zip(run["rows"], (1, 3)):
+        assert (row["clients"], row["requests"], row["failed"]) == (clients, 2 * clients, 0)
+        assert row["tokens_per_s"] * row["seconds"] == pytest.approx(6 * 2 * clients)
+        assert 0 < row["ttft_p50"] <= row["ttft_p99"] and 0 < row["per_token_p50"] <= row["per_token_p99"]
 
 
 def run_sequences(model, tokenizer, prompts: list[list[int]], max_tokens: list[int], compile_backend=None,

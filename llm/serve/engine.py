@@ -50,6 +50,8 @@ class Engine:
                 "generated_tokens": self.generated, "finished": dict(self.finished)}
 
     def _loop(self):
+        if self.runner.device.type == "cuda":  # the current device is per thread
+            torch.cuda.set_device(self.runner.device)
         with torch.inference_mode():
             while self.scheduler.wait_for_work():
                 try:

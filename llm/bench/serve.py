@@ -105,7 +105,7 @@ def start_server(ckpt: Path, log: Path, args) -> tuple[subprocess.Popen, str]:
         try:
             if url and httpx.get(f"{url}/health").status_code == 200:
                 return proc, url
-        except httpx.ConnectError:
+        except httpx.TransportError:  # not listening yet, or still loading
             pass
         time.sleep(0.2)
     proc.kill()

@@ -89,12 +89,14 @@ def warm_up(runner: ModelRunner, backend: str | None):
 
 
 def listen(host: str, port: int) -> socket.socket:
-    """The listening socket, bound here so that a taken port is one clear line."""
+    """The listening socket, made here so that a taken port is one clear line (connections made
+    while the model loads wait in its backlog)."""
     try:
         family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
         sock = socket.socket(family, kind, proto)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.bind(address)
+        sock.listen(2048)
     except OSError as e:
         raise UserError(f"cannot listen on {host}:{port}: {e.strerror or e}")
     sock.set_inheritable(True)
@@ -102,8 +104,12 @@ def listen(host: str, port: int) -> socket.socket:
 
 
 def main(argv) -> int:
+    # uvicorn shuts down gracefully on SIGTERM, then raises it again for the handler it found: this one
+    # exits 0 (as it does before serving starts)
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(0))
     with exit_on_user_error():
         args = parse(argv)
+        sock = listen(args.host, args.port)  # a taken port fails now, not after loading and compiling
         device = runtime.choose_device(args.device)
         dtype = runtime.inference_dtype(args.dtype, device.value)
         model, tokenizer = llm.load(args.ckpt, device=device.value, dtype=dtype.value)
@@ -116,7 +122,6 @@ def main(argv) -> int:
         warm_up(runner, args.compile)
         engine = Engine(runner, args.max_queue)
         served = Served(args.name or args.ckpt, model.config, tokenizer, template, engine, device.value, args.api_key)
-        sock = listen(args.host, args.port)
         host, port = sock.getsockname()[:2]
         how = [f"device {device}", f"dtype {dtype}", runtime.threads(), f"{args.max_batch} rows",
                f"queue {args.max_queue}"] + [f"compiled ({args.compile})"] * bool(args.compile)
@@ -124,13 +129,12 @@ def main(argv) -> int:
         print(f"model {served.name}: {params / 1e6:.1f}M parameters, context {model.config.block_size}, "
               f"chat template {'none' if template is None else 'yes'}; {', '.join(how)}", flush=True)
         if args.host not in LOOPBACK and not args.api_key:
-            print(f"warning: listening on {args.host} without --api_key: anyone who reaches it can use it", flush=True)
+            print(f"warning: listening on {args.host} without --api_key: anyone who reaches it can use it",
+                  file=sys.stderr, flush=True)
         print(f"serving on http://{host if ':' not in host else f'[{host}]'}:{port}/v1", flush=True)
         engine.start()
         config = uvicorn.Config(build_app(served), log_level=args.log_level,
                                 timeout_graceful_shutdown=args.shutdown_timeout)
-        # uvicorn shuts down gracefully on SIGTERM, then raises it again for the previous handler: this one exits 0
-        signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(0))
         uvicorn.Server(config).run(sockets=[sock])
     return 0
 

@@ -72,7 +72,7 @@ def start_server(checkpoint: Path, log: Path, *args) -> tuple[subprocess.Popen, 
             try:
                 if httpx.get(f"{url}/health").status_code == 200:
                     return proc, url
-            except httpx.ConnectError:
+            except httpx.TransportError:  # not listening yet, or still loading
                 pass
         time.sleep(0.2)
     proc.kill()
@@ -257,6 +257,7 @@ def test_bad_requests_are_answered_and_the_server_goes_on(server, client):
     bad = [
         (b'{"prompt": "x",', "not valid JSON"),
         (b'["prompt"]', "must be a JSON object"),
+        (b'{"prompt": "x", "temperature": NaN}', "NaN is not a JSON number"),
         ({"prompt": "x", "frobnicate": 1}, "unknown field 'frobnicate'"),
         ({"prompt": "x", "temperature": "hot"}, "temperature must be a number"),
         ({"prompt": "x", "max_tokens": 1.5}, "max_tokens must be an integer"),

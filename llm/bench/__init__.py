@@ -5,6 +5,8 @@
     python -m llm.bench decode    decode tokens/s and memory bandwidth against the machine's, vs transformers
     python -m llm.bench sample    tokens/s with and without the KV cache, batch 1 and 8, prompts of 32 and 512
     python -m llm.bench finetune  memory and tokens/s of full fine-tuning against LoRA (and a local example)
+    python -m llm.bench serve     the server under 1, 4 and 16 concurrent clients (requests/s, tokens/s,
+                                  time to first token, per-token latency), next to sample.py alone
 
 Each command's --help (after its name) lists its options.
 """

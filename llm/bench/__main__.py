@@ -1,9 +1,9 @@
-"""python -m llm.bench {train,speedrun,sample,decode,finetune} [options]: see llm/bench/__init__.py."""
+"""python -m llm.bench {train,speedrun,sample,decode,finetune,serve} [options]: see llm/bench/__init__.py."""
 import sys
 
 from llm.errors import UserError, exit_on_user_error
 
-COMMANDS = ("train", "speedrun", "sample", "decode", "finetune")
+COMMANDS = ("train", "speedrun", "sample", "decode", "finetune", "serve")
 
 
 def main(argv):
@@ -18,6 +18,8 @@ def main(argv):
             from llm.bench.finetune import bench_finetune as command
         elif argv[0] == "decode":
             from llm.bench.decode import bench_decode as command
+        elif argv[0] == "serve":
+            from llm.bench.serve import bench_serve as command
         else:
             from llm.bench.sample import bench_sample as command
         command(argv[1:])

@@ -320,15 +320,15 @@ def test_streamed_format_at_batch_1_only(seed):
 @pytest.mark.parametrize("options", list(option_grid())[1::6], ids=grid_id)
 def test_streamed_compiled_step_gives_the_same_tokens(options, seed):
     """The compiled step of the streamed format (products and one-query attention as sums), traced with
-    aot_eager: greedy tokens identical to the eager float model, logits within fp32 rounding of
-    float64, one compilation."""
-    model = tiny_model(seed, dtype=torch.float64, block_size=64, **options)
+    aot_eager, across the architecture options: 40 greedy tokens identical to the eager fp32 model's,
+    one compilation."""
+    model = tiny_model(seed, dtype=torch.float32, block_size=64, **options)
     prompt = torch.randint(0, 97, (7,)).tolist()
 
     def greedy(model, step=decode_one):
         return torch.stack(list(generate(model, [prompt], 40, Sampling(temperature=0), decode_step=step)), dim=1)
 
-    expected = greedy(model.float())
+    expected = greedy(model)
     streamed = for_decoding(copy.deepcopy(model), None, "inductor", batch_size=1)
     torch._dynamo.reset()
     counter = CompileCounterWithBackend("aot_eager")

@@ -92,10 +92,11 @@ def build_hf_dir(out: Path, shapes: dict, seed: int = 0) -> Path:
 
 def llama_cpp_missing(source_tree: str | None) -> str | None:
     """Why the llama.cpp side cannot run, or None."""
-    try:
-        import llama_cpp  # noqa: F401
-    except ImportError:
-        return "llama_cpp is not importable (pip install llama-cpp-python)"
+    for module, package in (("llama_cpp", "llama-cpp-python"), ("gguf", "gguf")):
+        try:
+            __import__(module)
+        except ImportError:
+            return f"{module} is not importable (pip install {package}, or the extra: pip install -e .[peers])"
     if not source_tree:
         return f"no converter: pass --llama_cpp DIR or set LLAMA_CPP_DIR ({CONVERTER_HINT})"
     if not (Path(source_tree) / CONVERTER).is_file():
@@ -137,7 +138,7 @@ def gguf_files(hf_dir: Path, out: Path, source_tree: str, methods: list[str]) ->
                 with quiet_fds():
                     failed = llama_cpp.llama_model_quantize(str(f32).encode(), str(path).encode(), params)
                 if failed:
-                    raise RuntimeError(f"llama.cpp's quantizer failed on {name}")
+                    raise UserError(f"llama.cpp's quantizer failed on {name}")
             files[name] = path
     return files
 
@@ -150,7 +151,8 @@ def convert(hf_dir: Path, path: Path, source_tree: str, outtype: str) -> Path:
     command = [sys.executable, str(Path(source_tree) / CONVERTER), str(hf_dir), "--outtype", outtype, "--outfile", str(path)]
     done = subprocess.run(command, capture_output=True, text=True, check=False)
     if done.returncode:
-        raise RuntimeError(f"llama.cpp's converter failed: {done.stderr.strip().splitlines()[-1]}")
+        last = (done.stderr.strip().splitlines() or ["no message"])[-1]
+        raise UserError(f"llama.cpp's converter failed on {hf_dir} ({outtype}): {last}")
     return path
 
 

@@ -319,6 +319,10 @@ def compare_peers(args, read_gbps: Callable[[bool], float]) -> dict:
     from llm.bench.decode import bytes_per_step
     from llm.formats.load import load
 
+    try:
+        import transformers  # noqa: F401
+    except ImportError:
+        raise UserError("--peers needs transformers (pip install transformers)")
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         if args.peers == "smollm2-135m":

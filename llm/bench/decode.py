@@ -437,9 +437,9 @@ def read_held_out(args, model) -> tuple | None:
     """(token stream, its bytes, block size) of --eval_data, tokenized by the checkpoint's tokenizer."""
     if not args.eval_data:
         return None
-    from llm.eval import read_tokens, target_bytes
+    from llm.eval import target_bytes, tokenize_text
     from llm.formats.load import load_tokenizer
 
     tokenizer = load_tokenizer(args.ckpt)
-    stream, _ = read_tokens(args.eval_data, tokenizer, args.eval_tokens)
+    stream, _ = tokenize_text(args.eval_data, tokenizer, args.eval_tokens)
     return stream, target_bytes(tokenizer, [stream]), model.config.block_size

@@ -7,6 +7,7 @@
     python sample.py --ckpt out --compile --quantize int8             # a compiled decode step, int8 weights
     python sample.py --ckpt out --chat --prompt "What is 2 + 2?"      # one user message, the model's chat template
     python sample.py --ckpt out --chat --prompt_file conversation.json --temperature 0   # a JSON list of messages
+    python sample.py --ckpt out --compile --quantize int4             # 4-bit weights (CPU)
 """
 import re
 import sys
@@ -20,7 +21,7 @@ from llm.errors import ArgumentParser, HelpFormatter, UserError, exit_on_user_er
 from llm.formats.load import chat_template
 from llm.infer.chat import chat_prompt, read_conversation
 from llm.infer.generate import CompiledStep, Sampling, check_compile_backend, complete, decode_one
-from llm.infer.quantize import METHODS, check_method, for_decoding
+from llm.infer.quantize import INT4_GROUP_SIZE, METHODS, check_method, for_decoding
 from llm.infer.viz import check_layer_and_head, save_attention_map
 from llm.model.chat import end_of_turn
 
@@ -51,8 +52,8 @@ def parse(argv):
                    help="torch.compile the one-token decode step, once per generation (BACKEND: a torch.compile "
                         "backend, inductor if omitted); on CUDA it also replays as a CUDA graph")
     p.add_argument("--quantize", metavar="METHOD",
-                   help=f"quantize the weights for decoding: {', '.join(METHODS)} "
-                        "(weight-only, one scale per output channel)")
+                   help=f"quantize the weights for decoding: {', '.join(METHODS)} (weight-only; int8: one "
+                        f"scale per output channel; int4, CPU only: a scale and offset per {INT4_GROUP_SIZE} inputs)")
     p.add_argument("--attention_png", help="save a heatmap of one head's attention over the first completion")
     p.add_argument("--attention_layer", type=int, default=-1, help="the layer of --attention_png (negative: from the end)")
     p.add_argument("--attention_head", type=int, default=0, help="the head of --attention_png")
@@ -109,13 +110,14 @@ def main(argv) -> int:
         except ValueError as e:
             raise UserError(str(e))
         device = runtime.choose_device(args.device)
+        if args.quantize:
+            check_method(args.quantize, device.value)
         dtype = runtime.inference_dtype(args.dtype, device.value)
         model, tokenizer = llm.load(args.ckpt, device=device.value, dtype=dtype.value)
         if args.attention_png:
             check_layer_and_head(model.config, args.attention_layer, args.attention_head)
         if args.attention:
             model.set_attention(args.attention)
-        for_decoding(model, args.quantize, args.compile)  # the layout one-token steps read fastest
         stop_ids = ()
         if args.chat:
             template = chat_template(args.ckpt)
@@ -126,6 +128,8 @@ def main(argv) -> int:
             prompts = [p for p in read_chats(args, tokenizer, template) for _ in range(args.num_samples)]
         else:
             prompts = [p for p in read_prompts(args) for _ in range(args.num_samples)]
+        # the layout one-token steps read fastest, at this batch size
+        for_decoding(model, args.quantize, args.compile, batch_size=len(prompts))
         stream = len(prompts) == 1
         if stream and not args.chat:  # (a chat prints the reply only)
             print(prompts[0], end="", flush=True)

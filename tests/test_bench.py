@@ -2,6 +2,7 @@
 refuse bad input, time to target is read at the first evaluation that reaches it, and the
 sampling benchmark runs end to end."""
 import json
+import os
 import subprocess
 import sys
 
@@ -9,6 +10,7 @@ import pytest
 import torch
 
 from llm.bench.decode import quantization_quality
+from llm.bench.decode_peers import build_hf_dir, llama2_style_tokenizer, llama_cpp_missing
 from llm.bench.speedrun import RECIPES, parse_recipe, summarize
 from llm.errors import UserError
 from tests.helpers import tiny_model
@@ -59,13 +61,14 @@ def test_decode_benchmark_against_transformers(tmp_path):
     assert result.returncode == 0, result.stderr[-2000:]
     results = json.loads(out.read_text())
     assert [(r["quantize"], r["compile"]) for r in results["rows"]] == [
-        ("none", False), ("none", "aot_eager"), ("int8", False), ("int8", "aot_eager")]
+        ("none", False), ("none", "aot_eager"), ("int8", False), ("int8", "aot_eager"), ("int4", False),
+        ("int4", "aot_eager")]
     for row in results["rows"]:
         assert row["ms_per_step"] == pytest.approx(1e3 / row["tokens_per_s"])  # batch 1
         assert row["percent_of_read"] == pytest.approx(100 * row["achieved_gbps"] / row["read_bandwidth_gbps"])
     (hf,) = results["transformers"]
     ours = {r["ours"]: r for r in hf["ours"]}
-    assert list(ours) == ["eager", "compiled", "int8", "int8 compiled"]
+    assert list(ours) == ["eager", "compiled", "int8", "int8 compiled", "int4", "int4 compiled"]
     assert ours["eager"]["identical_tokens"] and ours["compiled"]["identical_tokens"]
     for r in ours.values():
         assert r["ratio"] == pytest.approx(r["tokens_per_s"] / hf["transformers_tokens_per_s"])
@@ -79,6 +82,60 @@ def test_int8_quality_report_with_a_compiled_step(seed):
         q = quantization_quality(model, tokens=24, compile_backend="aot_eager")
     assert q["tokens"] == 24 and 0 <= q["teacher_forced_agreement"] <= 1
     assert q["free_running_identical_tokens_compiled"] == q["free_running_identical_tokens"]
+
+
+def test_int4_quality_report_with_bits_per_byte(seed):
+    """int4's report: on text the model predicts, bits per byte of both models; quantizing cannot make a
+    random model's predictions of random text much better or worse, and greedy agreement is a fraction."""
+    model = tiny_model(seed, dtype=torch.float32, block_size=40, vocab_size=128, d_model=64)
+    stream = torch.randint(0, 128, (300,)).numpy()
+    with torch.inference_mode():
+        q = quantization_quality(model, "int4", tokens=24, held_out=(stream, 600, 32))
+    assert q["method"] == "int4" and 0 <= q["teacher_forced_agreement"] <= 1
+    uniform = 299 * 7 / 600  # log2(128) bits per predicted token, 2 bytes each
+    assert abs(q["bits_per_byte"] - uniform) < 0.05 * uniform
+    assert abs(q["bits_per_byte_quantized"] - q["bits_per_byte"]) < 0.01 * uniform
+
+
+@pytest.mark.parametrize("vocab_size", [400, 4096])
+def test_stand_in_tokenizer_has_exactly_the_vocabulary(vocab_size):
+    """llama.cpp's converter takes the tokenizer's vocabulary as the embedding's rows: exactly
+    vocab_size tokens, ids 0..vocab_size-1, every merge made of tokens that exist; text round-trips."""
+    tokenizer = llama2_style_tokenizer(vocab_size)
+    vocab = tokenizer.get_vocab()
+    assert sorted(vocab.values()) == list(range(vocab_size))
+    text = "Hello, wörld! x = 3.14\n\tdef f(): pass"
+    assert tokenizer.decode(tokenizer.encode(text).ids) == text
+
+
+def test_decode_benchmark_against_peers(tmp_path):
+    """--peers end to end on a tiny Hugging Face directory made by transformers' classes: ours (eager and
+    compiled with aot_eager, fp32 and int8) and transformers' eager generate, fp32 tokens identical; the
+    llama.cpp side when llama_cpp imports and $LLAMA_CPP_DIR holds its converter, else one line saying why."""
+    pytest.importorskip("transformers")
+    shapes = dict(vocab_size=400, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, tie_word_embeddings=True, rope_theta=10000.0, max_position_embeddings=64,
+                  rms_norm_eps=1e-5, bos_token_id=1, eos_token_id=2)
+    hf_dir = build_hf_dir(tmp_path / "hf", shapes)
+    out = tmp_path / "peers.json"
+    command = ["--peers", str(hf_dir), "--quantize", "none,int8", "--compile", "aot_eager", "--prompt_len", "6",
+               "--new_tokens", "8", "--repeats", "1", "--json", str(out)]
+    result = subprocess.run([sys.executable, "-m", "llm.bench", "decode", *command], capture_output=True, text=True,
+                            timeout=600)
+    assert result.returncode == 0, result.stderr[-2000:]
+    peers = json.loads(out.read_text())["peers"]
+    rows = {(r["engine"], r["precision"]): r for r in peers["rows"]}
+    for key in [("transformers, eager", "fp32"), ("ours, eager", "fp32"), ("ours, compiled", "fp32")]:
+        assert rows[key]["identical_tokens"] and len(rows[key]["tokens"]) == 8, key
+    assert {("ours, eager", "int8"), ("ours, compiled", "int8")} <= set(rows)
+    for r in peers["rows"]:
+        assert r["steady_tokens_per_s"] == pytest.approx(1e3 / r["steady_ms_per_token"])
+        assert r["weight_gbps"] == pytest.approx(r["weight_bytes"] / r["steady_ms_per_token"] / 1e6)
+    missing = llama_cpp_missing(os.environ.get("LLAMA_CPP_DIR"))
+    if missing:
+        assert peers["notes"] == [f"llama.cpp side skipped: {missing}"] and f"skipped: {missing}" in result.stdout
+    else:
+        assert rows[("llama.cpp, f32", "fp32")]["identical_tokens"] and ("llama.cpp, q8_0", "int8") in rows
 
 
 def test_unknown_benchmark_is_one_line():

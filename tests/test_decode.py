@@ -10,6 +10,7 @@ from torch._dynamo.testing import CompileCounter
 
 from llm.infer.generate import CompiledStep, Sampling, decode_one, generate, left_pad
 from llm.infer.kv_cache import KVCache
+from llm.model.attention import causal_mask, naive_attention, one_query_attention
 from llm.model.tokenizer import Tokenizer
 from sample import main as sample_main
 from tests.helpers import grid_id, option_grid, tiny_model
@@ -92,6 +93,21 @@ def test_rows_at_their_own_positions_equal_each_alone(backend, seed):
     torch.testing.assert_close(torch.stack(logits[0]), alone_logits(model, prompts[0], new[0, 2:].tolist()),
                                **tolerance)
     assert cache.pos[:2].tolist() == [len(prompts[0]) + 4, len(prompts[1]) + 6]
+
+
+@pytest.mark.parametrize("groups", [1, 3])
+def test_one_query_attention_equals_the_textbook(groups, seed):
+    """Decoding's attention as sums (what compiled CPU steps use) against naive attention in float64:
+    per-row query slots, left padding and a sliding window, the query heads of a KV head grouped."""
+    B, Hkv, D, Tk = 3, 2, 16, 20
+    q = torch.randn(B, Hkv * groups, 1, D, dtype=torch.float64)
+    k, v = torch.randn(2, B, Hkv, Tk, D, dtype=torch.float64)
+    slots = torch.randint(8, Tk, (B, 1))
+    kv_start = torch.randint(0, 6, (B,))
+    mask = causal_mask(1, Tk, kv_start, "cpu", slots, window=int(torch.randint(3, 9, ())))
+    expected = naive_attention(q, k, v, mask)[0]
+    got = one_query_attention(q.view(B, Hkv, groups, D), k, v, mask).view(B, Hkv * groups, 1, D)
+    torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-12)
 
 
 def greedy(model, prompts, n, decode_step=decode_one) -> list[list[int]]:

@@ -1,19 +1,25 @@
-"""python -m llm.bench decode: how close decoding runs to the memory-bandwidth limit.
+"""python -m llm.bench decode: how close decoding runs to the memory-bandwidth limit, and to llama.cpp.
 
 Decoding one token reads every weight once (and the KV cache), so its ceiling is the machine's
 read bandwidth. For each model, dtype, quantization, compile setting and batch size it prints
 tokens/s, the bandwidth the decode step achieves (bytes of weights + KV cache read per step x
 steps/s) and that as a percentage of this machine's read bandwidth, measured here with one large
 matrix-vector product in the same dtype. Then decode latency at 1,000 tokens of context against
-50; transformers' generate on the same weights against ours (eager, and compiled with --compile,
-int8 with int8 in --quantize) in one alternating loop, greedy, identical tokens checked; and, for
-a trained checkpoint (--ckpt), how far int8 moves its logits and greedy tokens.
+50; transformers' generate on the same weights against ours (eager, compiled with --compile, and
+each --quantize method) in one alternating loop, greedy, identical tokens checked; and, for a
+trained checkpoint (--ckpt), how far each quantization moves its logits and greedy tokens, and its
+bits per byte on held-out text (--eval_data). With --peers, instead: the same model and prompt
+decoded by us, transformers and llama.cpp, alternated, whole calls and steady state
+(llm/bench/decode_peers.py).
 
     python -m llm.bench decode                                   # default + llama-small shapes
     python -m llm.bench decode --config llama-small --batch 1 --compile --json out.json
+    python -m llm.bench decode --peers smollm2-135m --compile --llama_cpp ~/llama.cpp --prompt_len 18
+    python -m llm.bench decode --ckpt out --compile --eval_data llm/ --no_hf --no_latency --no_kernels
 """
 import copy
 import json
+import os
 import statistics
 import tempfile
 import time
@@ -28,7 +34,8 @@ from llm.runtime import choose_device, native_bf16
 from llm.errors import ArgumentParser, UserError
 from llm.infer.generate import CompiledStep, Sampling, check_compile_backend, decode_one, generate
 from llm.model.transformer import Transformer
-from llm.infer.quantize import METHODS, Int8Linear, PackedLinear, TransposedLinear, for_decoding
+from llm.infer.quantize import (METHODS, check_method, Int4Linear, Int8Linear, PackedLinear, StreamedLinear, TransposedLinear,
+                                 for_decoding, streamed_product)
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -50,7 +57,7 @@ def build_model(name: str, device, dtype, block_size: int) -> Transformer:
 def bytes_per_step(model, batch: int, cache_len: int) -> int:
     """What one decode step reads: every weight of the layers and the head (not the embedding table,
     one row of which is read, unless it is the tied head), and the whole static KV cache."""
-    kinds = (nn.Linear, TransposedLinear, PackedLinear, Int8Linear, nn.RMSNorm, nn.LayerNorm)
+    kinds = (nn.Linear, TransposedLinear, PackedLinear, StreamedLinear, Int8Linear, Int4Linear, nn.RMSNorm, nn.LayerNorm)
     weights = sum(t.nbytes for m in model.modules() if isinstance(m, kinds)
                   for t in [*m.parameters(recurse=False), *m.buffers(recurse=False)] if t is not None)
     if model.output is None:
@@ -61,10 +68,11 @@ def bytes_per_step(model, batch: int, cache_len: int) -> int:
     return weights + cache
 
 
-def read_bandwidth(device, dtype, quantized: bool, repeats: int = 20) -> float:
+def read_bandwidth(device, dtype, quantized: bool, compile_backend: str | None = None, repeats: int = 20) -> float:
     """GB/s of one large matrix-vector product in this dtype (256 MB of fp32 or bf16 weights, 128 MB
     of int8: far beyond the caches), the fastest of F.linear, the transposed and the oneDNN-packed
-    layouts for floats: the most a decode step in this dtype can read."""
+    layouts for floats, the int8 kernel, and with compile_backend="inductor" on CPU the streamed sum
+    that compiled decode steps use: the most a decode step in this dtype can read."""
     n, k = 8192, 8192 if dtype == torch.float32 and not quantized else 16384
     w = torch.randn(n, k, device=device).to(dtype)
     x = torch.randn(1, k, device=device, dtype=dtype)
@@ -72,6 +80,9 @@ def read_bandwidth(device, dtype, quantized: bool, repeats: int = 20) -> float:
     if not quantized and PackedLinear.supports(w):
         layers.append(PackedLinear(w))
     nbytes = layers[0].weight.nbytes + layers[0].kernel_scales.nbytes if quantized else w.nbytes
+    if compile_backend == "inductor" and device.type == "cpu":
+        stored = layers[0].weight if quantized else w
+        layers.append(torch.compile(lambda x: streamed_product(x, stored), fullgraph=True))
     return max(nbytes / median_seconds(lambda: layer(x), device, repeats) / 1e9 for layer in layers)
 
 
@@ -192,11 +203,13 @@ def compare_with_transformers(model, variants: dict, new_tokens: int, repeats: i
 
 
 @torch.inference_mode()
-def quantization_quality(model, tokens: int = 256, compile_backend: str | None = None) -> dict:
-    """int8 against the model as it is: logit difference and greedy agreement (teacher-forced on the
-    float model's own greedy continuation, and free-running, also through a step compiled with
-    `compile_backend`: under inductor on CPU it computes int8 products in fp32 at batch 1) over
-    `tokens` tokens (fewer if the context is shorter)."""
+def quantization_quality(model, method: str = "int8", tokens: int = 256, compile_backend: str | None = None,
+                         held_out: tuple | None = None) -> dict:
+    """A quantization `method` against the model as it is: logit difference and greedy agreement
+    (teacher-forced on the float model's own greedy continuation, and free-running, also through a
+    step compiled with `compile_backend`: under inductor on CPU, int8 products at batch 1 are in
+    fp32) over `tokens` tokens (fewer if the context is shorter); with held_out = (token stream,
+    bytes it stands for, block size), bits per byte of both models on that text."""
     tokens = min(tokens, model.config.block_size - 8)
     prompt = [torch.randint(0, model.config.vocab_size, (8,)).tolist()]
 
@@ -207,28 +220,48 @@ def quantization_quality(model, tokens: int = 256, compile_backend: str | None =
         return int((a == b).int().cumprod(1).sum())
 
     reference = greedy(model)
-    quantized = for_decoding(copy.deepcopy(model), "int8", compile_backend)
+    quantized = for_decoding(copy.deepcopy(model), method, compile_backend, batch_size=1)
     sequence = torch.cat([torch.tensor(prompt, device=reference.device), reference], dim=1)
-    logits, logits8 = model(sequence)[0, 7:-1].float(), quantized(sequence)[0, 7:-1].float()
-    result = {"tokens": tokens, "max_abs_logit_diff": (logits - logits8).abs().max().item(),
+    logits, logits_q = model(sequence)[0, 7:-1].float(), quantized(sequence)[0, 7:-1].float()
+    result = {"method": method, "tokens": tokens, "max_abs_logit_diff": (logits - logits_q).abs().max().item(),
               "max_abs_logit": logits.abs().max().item(),
-              "teacher_forced_agreement": (logits.argmax(-1) == logits8.argmax(-1)).float().mean().item(),
+              "teacher_forced_agreement": (logits.argmax(-1) == logits_q.argmax(-1)).float().mean().item(),
               "free_running_identical_tokens": identical(reference, greedy(quantized))}
     if compile_backend:
         compiled = greedy(quantized, CompiledStep(compile_backend))
         result["free_running_identical_tokens_compiled"] = identical(reference, compiled)
+    if held_out is not None:
+        result["bits_per_byte"], result["bits_per_byte_quantized"] = (held_out_bits_per_byte(m, *held_out)
+                                                                        for m in (model, quantized))
     return result
+
+
+def held_out_bits_per_byte(model, stream, n_bytes: int, block_size: int) -> float:
+    from llm.eval import bits_per_byte, evaluate_tokens
+
+    nats, _ = evaluate_tokens(model, stream, block_size, batch_size=8)
+    return bits_per_byte(nats, n_bytes)
 
 
 def parse(argv):
     p = ArgumentParser(prog="python -m llm.bench decode", description=__doc__.splitlines()[0])
     p.add_argument("--config", default="default,llama-small",
                    help="model shapes (random weights), comma-separated (default: default,llama-small)")
-    p.add_argument("--ckpt", help="a checkpoint to load instead of --config (also reports int8's effect on it)")
+    p.add_argument("--ckpt", help="a checkpoint to load instead of --config (also reports each quantization's "
+                                  "effect on it)")
+    p.add_argument("--eval_data", help="with --ckpt: held-out text (file, directory or glob) on which to report bits "
+                                       "per byte of the float and quantized models")
+    p.add_argument("--eval_tokens", type=int, default=200_000, help="at most this many tokens of --eval_data")
+    p.add_argument("--peers", metavar="MODEL",
+                   help="instead of --config/--ckpt: the same-model comparison with transformers and llama.cpp on "
+                        "MODEL, smollm2-135m (its shapes, random weights, built offline) or a Hugging Face Llama "
+                        "directory (see llm/bench/decode_peers.py)")
+    p.add_argument("--llama_cpp", default=os.environ.get("LLAMA_CPP_DIR"), metavar="DIR",
+                   help="with --peers: a llama.cpp source tree, for its convert_hf_to_gguf.py (default: $LLAMA_CPP_DIR)")
     p.add_argument("--batch", default="1,8", help="batch sizes, comma-separated (default: 1,8)")
     p.add_argument("--dtype", help="float32 | bfloat16 | float16, comma-separated (default: float32, "
                                    "and bfloat16 where the hardware has it)")
-    p.add_argument("--quantize", help=f"none | {' | '.join(METHODS)}, comma-separated (default: none,int8)")
+    p.add_argument("--quantize", help=f"none | {' | '.join(METHODS)}, comma-separated (default: all; int4 on CPU only)")
     p.add_argument("--compile", nargs="?", const="inductor", metavar="BACKEND",
                    help="also time the compiled decode step (a torch.compile backend, inductor if omitted; "
                         "on CUDA it is replayed as a CUDA graph)")
@@ -250,9 +283,16 @@ def parse(argv):
     if unknown := [n for n in names if n not in DTYPES]:
         raise UserError(f"--dtype {unknown[0]}: choose from {', '.join(DTYPES)}")
     args.dtypes = [DTYPES[n] for n in names]
-    args.quantize = args.quantize.split(",") if args.quantize else ["none", *METHODS]
+    cpu = args.device.type == "cpu"
+    args.quantize = args.quantize.split(",") if args.quantize else ["none", *(m for m in METHODS if cpu or m != "int4")]
     if unknown := [q for q in args.quantize if q not in ("none", *METHODS)]:
         raise UserError(f"--quantize {unknown[0]}: not supported (none or {', '.join(METHODS)})")
+    for method in set(args.quantize) - {"none"}:
+        check_method(method, args.device)
+    if args.eval_data and not args.ckpt:
+        raise UserError("--eval_data needs --ckpt (the checkpoint whose tokenizer reads it)")
+    if args.peers and not cpu:
+        raise UserError("--peers compares CPU decoding (llama.cpp's CPU build): use --device cpu")
     if args.compile:
         check_compile_backend(args.compile)
     if min(args.batch) < 1 or args.new_tokens < 2 or args.repeats < 1 or args.prompt_len < 1:
@@ -267,7 +307,12 @@ def bench_decode(argv):
     print(f"{results['machine']}; prompt {args.prompt_len} tokens, {args.new_tokens} new, greedy; "
           f"decode steps only (the prefill and first token are not timed)\n")
     bandwidth = {}  # (dtype, quantized) -> GB/s, measured once
-    for name in [args.ckpt] if args.ckpt else args.config.split(","):
+    if args.peers:
+        from llm.bench.decode_peers import compare_peers
+
+        results["peers"] = compare_peers(args, lambda quantized: read_bandwidth(args.device, torch.float32, quantized,
+                                                                                args.compile))
+    for name in [] if args.peers else [args.ckpt] if args.ckpt else args.config.split(","):
         for dtype in args.dtypes:
             base = load_model(name, dtype, args)
             if dtype == args.dtypes[0] and not args.no_kernels:
@@ -279,7 +324,9 @@ def bench_decode(argv):
             if not args.no_hf:
                 results["transformers"] += transformers_rows(name, base, prepared, args)
             if args.ckpt:
-                results["quantization"].append(quantization_row(name, base, args.compile))
+                held_out = read_held_out(args, base)
+                for method in [m for m in args.quantize if m != "none"]:
+                    results["quantization"].append(quantization_row(name, base, method, args.compile, held_out))
             print()
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2) + "\n")
@@ -310,22 +357,28 @@ def kernel_rows(name: str, config, device) -> list[dict]:
 
 
 def speed_rows(name: str, base, args, bandwidth: dict) -> list[dict]:
-    """Decode speed for each quantization, compile setting and batch size, as sample.py runs it."""
+    """Decode speed for each quantization, compile setting and batch size, as sample.py runs it (the
+    format of float weights for a compiled step depends on the batch size: see for_decoding)."""
     dtype = next(base.parameters()).dtype
     print(f"{'quantize':>8} {'compile':>9} {'batch':>5} {'tokens/s':>10} {'ms/step':>8} {'GB/s':>7} "
           f"{'read GB/s':>9} {'of read':>7}")
     rows = []
     for method in args.quantize:
-        model = for_decoding(copy.deepcopy(base), None if method == "none" else method, args.compile)  # eager too
+        quantize = None if method == "none" else method
         key = (dtype, method != "none")
         if key not in bandwidth:
-            bandwidth[key] = read_bandwidth(args.device, dtype, method != "none")
+            bandwidth[key] = read_bandwidth(args.device, dtype, method != "none", args.compile)
         for compiled in [None] + [args.compile] * bool(args.compile):
-            step = CompiledStep(compiled) if compiled else decode_one
+            prepared = {}  # format -> (model, step): one conversion and one compiled step per format
             for batch in args.batch:
+                streamed = compiled == "inductor" and batch == 1
+                if streamed not in prepared:
+                    model = for_decoding(copy.deepcopy(base), quantize, compiled, batch_size=batch if streamed else None)
+                    prepared[streamed] = model, CompiledStep(compiled) if compiled else decode_one
                 row = {"model": name, "parameters": base.num_params(), "dtype": str(dtype).removeprefix("torch."),
                        "quantize": method, "compile": compiled or False, "batch": batch, "device": str(args.device),
-                       **measure(model, batch, args.prompt_len, args.new_tokens, step, args.repeats),
+                       **measure(prepared[streamed][0], batch, args.prompt_len, args.new_tokens,
+                                 prepared[streamed][1], args.repeats),
                        "read_bandwidth_gbps": bandwidth[key]}
                 row["percent_of_read"] = 100 * row["achieved_gbps"] / row["read_bandwidth_gbps"]
                 rows.append(row)
@@ -336,16 +389,18 @@ def speed_rows(name: str, base, args, bandwidth: dict) -> list[dict]:
 
 
 def transformers_rows(name: str, base, prepared, args) -> list[dict]:
-    """Ours as sample.py runs it (eager; compiled with --compile; int8 if asked for) against
-    transformers' generate on the same weights, in one alternating loop."""
+    """Ours as sample.py runs it at batch 1 (eager; compiled with --compile; each --quantize method)
+    against transformers' generate on the same weights, in one alternating loop."""
     variants = {"eager": (prepared, decode_one)}
     if args.compile:
-        variants["compiled"] = (prepared, CompiledStep(args.compile))
-    if "int8" in args.quantize:
-        int8 = for_decoding(copy.deepcopy(base), "int8", args.compile)
-        variants["int8"] = (int8, decode_one)
-        if args.compile:
-            variants["int8 compiled"] = (int8, CompiledStep(args.compile))
+        variants["compiled"] = (for_decoding(copy.deepcopy(base), None, args.compile, batch_size=1),
+                                CompiledStep(args.compile))
+    for method in args.quantize:
+        if method != "none":
+            quantized = for_decoding(copy.deepcopy(base), method, args.compile, batch_size=1)
+            variants[method] = (quantized, decode_one)
+            if args.compile:
+                variants[f"{method} compiled"] = (quantized, CompiledStep(args.compile))
     hf = compare_with_transformers(base, variants, args.new_tokens, max(3, args.repeats))
     if hf is None:
         return []
@@ -364,12 +419,27 @@ def latency_row(name: str, model, repeats: int) -> dict:
             "ms_at_50": near, "ms_at_1000": far, "ratio": far / near}
 
 
-def quantization_row(name: str, model, compile_backend: str | None) -> dict:
+def quantization_row(name: str, model, method: str, compile_backend: str | None, held_out) -> dict:
     dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
-    q = {"model": name, "dtype": dtype, **quantization_quality(model, compile_backend=compile_backend)}
+    q = {"model": name, "dtype": dtype,
+         **quantization_quality(model, method, compile_backend=compile_backend, held_out=held_out)}
     compiled = q.get("free_running_identical_tokens_compiled")
-    print(f"int8 vs {q['dtype']} over {q['tokens']} greedy tokens: max |logit diff| {q['max_abs_logit_diff']:.3g} "
+    print(f"{method} vs {q['dtype']} over {q['tokens']} greedy tokens: max |logit diff| {q['max_abs_logit_diff']:.3g} "
           f"(logits up to {q['max_abs_logit']:.3g}), argmax agreement {q['teacher_forced_agreement']:.3f}, "
           f"free-running identical for {q['free_running_identical_tokens']} tokens"
-          + ("" if compiled is None else f" ({compiled} compiled)"))
+          + ("" if compiled is None else f" ({compiled} compiled)")
+          + ("" if held_out is None else f"; bits per byte on held-out text {q['bits_per_byte']:.4f} -> "
+                                         f"{q['bits_per_byte_quantized']:.4f}"))
     return q
+
+
+def read_held_out(args, model) -> tuple | None:
+    """(token stream, its bytes, block size) of --eval_data, tokenized by the checkpoint's tokenizer."""
+    if not args.eval_data:
+        return None
+    from llm.eval import target_bytes, tokenize_text
+    from llm.formats.load import load_tokenizer
+
+    tokenizer = load_tokenizer(args.ckpt)
+    stream, _ = tokenize_text(args.eval_data, tokenizer, args.eval_tokens)
+    return stream, target_bytes(tokenizer, [stream]), model.config.block_size

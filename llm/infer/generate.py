@@ -85,19 +85,23 @@ def check_compile_backend(backend: str):
         raise UserError(f"--compile {backend}: not a torch.compile backend (available: {', '.join(available)})")
 
 
+# Inductor recomputes a cheap activation (a norm's output, a residual sum) inside each loop that reads
+# it; in a decode step on CPU those loops stream weights, and recomputing there costs more than the
+# tiny buffer it saves: realize activations read more than once, or made of more than a few ops.
+CPU_INDUCTOR_OPTIONS = {"realize_reads_threshold": 1, "realize_opcount_threshold": 4}
+
+
 class CompiledStep:
     """`decode_one` under torch.compile: the shapes are static, so one compilation serves a whole
     generation (and later ones of the same sizes and model: layers packed for oneDNN are found by a
-    key that is a constant of the graph, so another model, even a copy, compiles anew). On CUDA the step is also captured as a CUDA
-    graph at the second step of each generation (the first compiles and warms up, on a side
-    stream as capture requires) and replayed after that, with no per-kernel launch cost."""
+    key that is a constant of the graph, so another model, even a copy, compiles anew). On CUDA the
+    step is also captured as a CUDA graph at the second step of each generation (the first compiles
+    and warms up, on a side stream as capture requires) and replayed after that, with no per-kernel
+    launch cost. Inductor on CPU compiles with CPU_INDUCTOR_OPTIONS."""
 
     def __init__(self, backend="inductor"):
-        # Dynamo keeps compiled code, and its limit of 8 recompilations, per code object: each
-        # CompiledStep compiles its own copy of decode_one, so a process that decodes with many
-        # models, dtypes or batch sizes never reaches the limit (a hard error under fullgraph).
-        step = types.FunctionType(decode_one.__code__.replace(), decode_one.__globals__, decode_one.__name__)
-        self.step = torch.compile(step, backend=backend, fullgraph=True, dynamic=False)
+        self.backend = backend
+        self.step = None  # compiled at the first call, for the device it is given
         self.inputs = None  # the generation the graph belongs to: (model, kv_start, cache)
         self.graph = None
         self.compile_seconds = None  # how long the first call took (it compiles)
@@ -110,7 +114,17 @@ class CompiledStep:
             return logits
         return self._call(model, token, kv_start, cache)
 
+    def _compile(self, device: torch.device):
+        # Dynamo keeps compiled code, and its limit of 8 recompilations, per code object: each
+        # CompiledStep compiles its own copy of decode_one, so a process that decodes with many
+        # models, dtypes or batch sizes never reaches the limit (a hard error under fullgraph).
+        step = types.FunctionType(decode_one.__code__.replace(), decode_one.__globals__, decode_one.__name__)
+        options = CPU_INDUCTOR_OPTIONS if self.backend == "inductor" and device.type == "cpu" else None
+        self.step = torch.compile(step, backend=self.backend, fullgraph=True, dynamic=False, options=options)
+
     def _call(self, model, token, kv_start, cache):
+        if self.step is None:
+            self._compile(token.device)
         if token.device.type != "cuda":
             return self.step(model, token, kv_start, cache)
         inputs = (model, kv_start, cache)

@@ -1,35 +1,42 @@
 """Weights for decoding: each linear layer in the format a one-token step reads fastest.
 
-Decoding reads every weight once per token, so its speed is memory bandwidth, and how fast the
-matrix-vector products stream their weights. The formats, chosen by `for_decoding`:
+Decoding reads every weight once per token, so its speed is memory bandwidth: how fast the
+matrix-vector products stream their weights. `for_decoding` picks a format per layer:
 
-- float on CPU (fp32, and bf16 where the CPU has it): packed once into oneDNN's own blocked
-  layout and multiplied by oneDNN (the kernels PyTorch's inductor uses for frozen CPU weights). On the
-  2-core AVX-512 EPYC this was built on, a llama-small layer stack streamed its fp32 weights at
-  1.1-1.6x the rate of MKL on the transposed layout at batch 1 and 3x at batch 8 (bf16: 1.3-1.7x).
-  A oneDNN call costs about 15 us more, so in fp32 only matrices of 2 MB and more are packed. The
-  packed weight is an opaque tensor that torch.compile cannot take as a graph input, so a compiled
-  step reaches it through a custom op (`llm_toolkit::packed_linear`) by a key, a constant of the graph.
-- float otherwise, stored transposed, (in, out): y = x @ Wᵀ reads it as one contiguous stream,
-  1.3-1.4x faster than F.linear on the (out, in) layout at batch 1 on that EPYC (MKL 2024.2).
-- int8 (`quantize="int8"`), a quarter of fp32's bytes: each output channel (row) w is stored as
-  q = round(w / s), s = max|w| / 127 (symmetric, per channel), and the scale applies after the
-  matmul: y = (x @ qᵀ) · s + bias. On CPU the matmul is PyTorch's own int8 weight-only kernel,
-  aten._weight_int8pack_mm, which reads the int8 weights directly. Measured here it is fast with
-  bf16 activations only (with fp32 or fp16 ones it is 6-7x slower), so activations go through it
-  in bf16, which moves an fp32 model's logits about as much as the quantization does. It needs the
-  input width to be a multiple of 16 (other widths crash it); other widths, and other devices,
-  convert the weight inside the matmul (which torch.compile fuses on GPU). On CPU, a step compiled
-  by inductor (`compile_backend="inductor"`) computes x · q at one row (batch 1) in fp32, as a
-  reduction that inductor fuses with the conversion: it streams the int8 weights at 20-26 GB/s from
-  memory on that EPYC, the kernel at 11-17 (at 8 rows the kernel is faster and stays). So compiled
-  int8 rows at batch 1 are computed in fp32, in a batch in bf16: a row generated alone can differ
-  slightly from the same row in a batch. Other backends would materialize the fp32 weights, so they
-  keep the kernel. torchao 0.18's Int8WeightOnlyConfig, timed the same way as the kernel,
-  dequantizes in eager mode and was 3-5x slower.
+- float, for a step compiled by inductor on CPU at batch 1 (`compile_backend="inductor"`,
+  `batch_size=1`): the weight stays (out, in), and one row's product is written as a sum over the
+  input dimension (`streamed_product`), from which inductor generates one loop per output channel,
+  fused with the rest of the step. On the 2-core AVX-512 EPYC this was built on, it streams the
+  weights at the machine's read bandwidth, where oneDNN's matrix-vector product reaches about two
+  thirds of it at the widths of small models (576-768), MKL's less. Other row counts (the prefill)
+  take F.linear. A tied head shares the embedding's matrix: no copy. At 8 rows these sums are
+  slower than oneDNN (each output's chain of additions waits on the previous one), so batches
+  keep the packed format below.
+- float on CPU otherwise (fp32, and bf16 where the CPU has it): packed once into oneDNN's blocked
+  layout and multiplied by oneDNN, the fastest eager kernel there (fp32 only for matrices of 2 MB
+  and more: a oneDNN call costs about 15 us more). A compiled step reaches the packed weight, an
+  opaque tensor, through a custom op (`llm_toolkit::packed_linear`) by a key, a graph constant.
+- float elsewhere: stored transposed, (in, out): y = x @ Wᵀ reads it as one contiguous stream.
+- int8 (`quantize="int8"`), a quarter of fp32's bytes: per output channel, q = round(w / s),
+  s = max|w| / 127, y = (x @ qᵀ) · s + bias. Eagerly on CPU, PyTorch's int8 weight-only kernel
+  (aten._weight_int8pack_mm), fast with bf16 activations only (6-7x slower with fp32 ones), so
+  activations go through it in bf16; it needs the input width to be a multiple of 16, other
+  widths and devices convert the weight inside the matmul. In a step compiled by inductor on CPU,
+  one row is the streamed sum in fp32, each int8 converted as it is read: faster than the kernel
+  at one row, slower at 8. So a row decoded alone by a compiled step is computed in fp32, rows of
+  a batch in bf16: the two can differ slightly.
+- int4 (`quantize="int4"`, CPU only), an eighth of fp32's bytes plus a bf16 scale and offset per
+  group of INT4_GROUP_SIZE inputs: w ≈ (q - 8) · scale + offset, q in 0..15 (the group's min and
+  max map to 0 and 15). The product is PyTorch's CPU int4 kernel (aten._weight_int4pack_mm_for_cpu)
+  with bf16 activations (with fp32 ones it is 25x slower), eager and compiled: an inductor loop
+  that unpacks the 4-bit pairs itself ran several times slower here (its per-weight arithmetic,
+  not the memory, is the limit). Layers whose shapes the kernel cannot take (inputs not a multiple
+  of the group size, outputs not a multiple of 16) are int8 instead, as llama.cpp's quantizer
+  falls back for shapes its formats do not fit.
 
-The output head is converted too (with tied embeddings, a converted copy; the lookup stays as it is),
-and SwiGLU's gate and up projections become one stacked layer (llm.model.FeedForward).
+The output head is converted too (with tied embeddings, a converted copy of the embedding, except
+in the streamed float format, which shares it; the lookup stays as it is), and SwiGLU's gate and
+up projections become one stacked layer (llm.model.FeedForward).
 """
 import itertools
 import weakref
@@ -40,11 +47,24 @@ import torch.nn.functional as F
 
 from llm.errors import UserError
 
-METHODS = ("int8",)
-KERNEL_DTYPE = torch.bfloat16  # activations through aten._weight_int8pack_mm on CPU
+METHODS = ("int8", "int4")
+KERNEL_DTYPE = torch.bfloat16  # activations through PyTorch's int8 and int4 CPU kernels
 # The smallest weight worth packing for oneDNN. fp32: the measured break-even against MKL at batch 1
 # (1-4 MB matrices, default and llama-small shapes); bf16: every size, MKL's bf16 products being slower.
 MIN_PACKED_BYTES = {torch.float32: 1 << 21, torch.bfloat16: 0}
+INT4_GROUP_SIZE = 32  # inputs per scale and offset, as llama.cpp's Q4_0 blocks
+
+
+def streams(flat: torch.Tensor) -> bool:
+    """Whether a product of these (rows, in) activations is traced as a streamed sum: one row on
+    CPU, under torch.compile."""
+    return torch.compiler.is_compiling() and flat.device.type == "cpu" and flat.size(0) == 1
+
+
+def streamed_product(row: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """(1, in) x (out, in)ᵀ -> (1, out) in fp32, as a sum over `in` for each output channel, the
+    weight converted to fp32 element by element inside the loop inductor generates."""
+    return (row.float() * weight.float()).sum(-1)[None]
 
 
 class TransposedLinear(nn.Module):
@@ -58,6 +78,29 @@ class TransposedLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = x @ self.weight_t
         return y if self.bias is None else y + self.bias
+
+
+class StreamedLinear(nn.Module):
+    """A float linear layer for steps compiled by inductor on CPU at batch 1: the weight (out, in) as
+    it is (shared, not copied), one row as a streamed sum, more rows through F.linear."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None):
+        super().__init__()
+        self.register_buffer("weight", weight.detach())
+        self.register_buffer("bias", None if bias is None else bias.detach().clone())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        flat = x.reshape(-1, x.size(-1))
+        if not streams(flat):
+            return F.linear(x, self.weight, self.bias)
+        y = streamed_product(flat, self.weight).to(x.dtype)
+        if self.bias is not None:
+            y = y + self.bias
+        return y.view(*x.shape[:-1], -1)
+
+    @staticmethod
+    def supports(weight: torch.Tensor) -> bool:
+        return weight.device.type == "cpu" and weight.is_floating_point()
 
 
 class PackedLinear(nn.Module):
@@ -117,11 +160,11 @@ def _(x, key, out_features, bias):
 
 class Int8Linear(nn.Module):
     """A linear layer with int8 weights (out, in), one scale per output channel, and an optional bias.
-    fused_one_row: under inductor, compute one row as a reduction that inductor fuses (see above)."""
+    streamed: under inductor on CPU, compute one row as a streamed sum in fp32."""
 
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None, fused_one_row: bool = False):
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None, streamed: bool = False):
         super().__init__()
-        self.fused_one_row = fused_one_row
+        self.streamed = streamed
         w = weight.detach().float()
         scales = w.abs().amax(dim=1).clamp(min=torch.finfo(torch.float32).tiny) / 127
         self.register_buffer("weight", (w / scales[:, None]).round().clamp(-127, 127).to(torch.int8))
@@ -131,10 +174,8 @@ class Int8Linear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         flat = x.reshape(-1, x.size(-1))
-        if self.fused_one_row and x.device.type == "cpu" and flat.size(0) == 1 and torch.compiler.is_compiling():
-            # inductor fuses the conversion into one streaming reduction, which reads the int8 weights
-            # about twice as fast as the kernel below on this CPU (at 8 rows it is slower)
-            y = ((flat.float() * self.weight.float()).sum(-1) * self.scales.float()).to(x.dtype)[None]
+        if self.streamed and streams(flat):
+            y = (streamed_product(flat, self.weight) * self.scales.float()).to(x.dtype)
         elif x.device.type == "cpu" and x.size(-1) % 16 == 0:
             y = torch.ops.aten._weight_int8pack_mm(flat.to(KERNEL_DTYPE), self.weight, self.kernel_scales).to(x.dtype)
         else:
@@ -148,17 +189,65 @@ class Int8Linear(nn.Module):
         return self.weight.float() * self.scales.float()[:, None]
 
 
-def for_decoding(model: nn.Module, quantize: str | None = None, compile_backend: str | None = None) -> nn.Module:
+class Int4Linear(nn.Module):
+    """A linear layer with 4-bit weights in PyTorch's CPU int4 layout, a bf16 scale and offset per
+    group of `group_size` inputs of each output channel, and an optional bias (see the module doc)."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None, group_size: int = INT4_GROUP_SIZE):
+        super().__init__()
+        if not Int4Linear.supports(weight, group_size):
+            raise ValueError(f"int4 needs a CPU weight with inputs a multiple of {group_size} and outputs of 16, "
+                             f"got {tuple(weight.shape)} on {weight.device}")
+        self.group_size = group_size
+        out, width = weight.shape
+        groups = weight.detach().float().view(out, width // group_size, group_size)
+        low, high = groups.amin(-1), groups.amax(-1)
+        scale = ((high - low) / 15).clamp(min=torch.finfo(torch.float32).tiny)
+        q = ((groups - low[..., None]) / scale[..., None]).round().clamp(0, 15)
+        offset = low + 8 * scale  # (q - 8) · scale + offset: low at q = 0
+        self.register_buffer("weight", torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.view(out, width).int(), 1))
+        # (groups, out, 2): the kernel's layout, in the dtype of its activations
+        self.register_buffer("scales_and_offsets", torch.stack([scale.t(), offset.t()], -1).to(KERNEL_DTYPE).contiguous())
+        self.register_buffer("bias", None if bias is None else bias.detach().clone())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        flat = x.reshape(-1, x.size(-1)).to(KERNEL_DTYPE)
+        y = torch.ops.aten._weight_int4pack_mm_for_cpu(flat, self.weight, self.group_size, self.scales_and_offsets)
+        y = y.to(x.dtype)
+        if self.bias is not None:
+            y = y + self.bias
+        return y.view(*x.shape[:-1], -1)
+
+    def dequantized(self) -> torch.Tensor:
+        """The weight this layer computes with, in float32 (recovered through the kernel itself)."""
+        eye = torch.eye(self.weight.size(1) * 2)  # in fp32, the kernel rounds nothing
+        return torch.ops.aten._weight_int4pack_mm_for_cpu(eye, self.weight, self.group_size,
+                                                          self.scales_and_offsets.float()).t().contiguous()
+
+    @staticmethod
+    def supports(weight: torch.Tensor, group_size: int = INT4_GROUP_SIZE) -> bool:
+        out, width = weight.shape
+        return weight.device.type == "cpu" and width % group_size == 0 and out % 16 == 0
+
+
+def for_decoding(model: nn.Module, quantize: str | None = None, compile_backend: str | None = None,
+                 batch_size: int | None = None) -> nn.Module:
     """Every linear layer of a Transformer, and its output head, in a decoding format (in place):
-    packed for oneDNN or transposed float, or int8 with quantize="int8". compile_backend: the
-    torch.compile backend the decode step will run under, if any (eager steps run as well either
-    way). For inference only: the model no longer trains."""
+    float (streamed, packed for oneDNN, or transposed), int8 or int4 (see the module doc).
+    compile_backend: the torch.compile backend the decode step will run under, if any; batch_size:
+    the rows it will decode at, if known (float weights are streamed for inductor at batch 1 only).
+    Eager steps, and any batch size, run either way. For inference only: the model no longer trains."""
     if quantize is not None:
-        check_method(quantize)
+        check_method(quantize, next(model.parameters()).device)
+    streamed = compile_backend == "inductor"
 
     def convert(weight, bias=None):
-        if quantize == "int8":
-            return Int8Linear(weight, bias, fused_one_row=compile_backend == "inductor")
+        if quantize == "int4" and Int4Linear.supports(weight):
+            return Int4Linear(weight, bias)
+        if quantize in ("int8", "int4"):
+            return Int8Linear(weight, bias, streamed=streamed)
+        if streamed and batch_size == 1 and StreamedLinear.supports(weight):
+            return StreamedLinear(weight, bias)
         if PackedLinear.pays(weight):
             return PackedLinear(weight, bias)
         return TransposedLinear(weight, bias)
@@ -173,7 +262,7 @@ def for_decoding(model: nn.Module, quantize: str | None = None, compile_backend:
         for name, child in module.named_children():
             if isinstance(child, nn.Linear):
                 setattr(module, name, convert(child.weight, child.bias))
-    if model.output is None:  # tied: the head gets its own converted copy of the embedding
+    if model.output is None:  # tied: the head gets its own converted copy of the embedding (or shares it)
         model.output = convert(model.tok_embeddings.weight)
     return model
 
@@ -182,6 +271,9 @@ def quantize_int8(model: nn.Module) -> nn.Module:
     return for_decoding(model, "int8")
 
 
-def check_method(method: str):
+def check_method(method: str, device: torch.device | str = "cpu"):
     if method not in METHODS:
-        raise UserError(f"--quantize {method}: not supported (int8 only: weight-only, one scale per output channel)")
+        raise UserError(f"--quantize {method}: not supported (int8: one scale per output channel; "
+                        f"int4: a scale and offset per {INT4_GROUP_SIZE} inputs; both weight-only)")
+    if method == "int4" and torch.device(device).type != "cpu":
+        raise UserError("--quantize int4: CPU only (PyTorch's CPU int4 kernel); use int8 on this device")

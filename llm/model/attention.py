@@ -121,6 +121,8 @@ def sdpa_attention(q, k, v, dropout_p, kv_start, q_slots, window, documents=None
     mask = None if plain else causal_mask(q_len, kv_len, kv_start, q.device, q_slots, window, documents)
     B, H, _, D = q.shape
     groups = H // k.size(1)
+    if q_len == 1 and not dropout_p and q.device.type == "cpu" and torch.compiler.is_compiling():
+        return one_query_attention(q.view(B, H // groups, groups, D), k, v, mask).view(B, H, 1, D)
     if q_len == 1 and groups > 1:
         # One query per head (decoding): the heads sharing a KV head become that head's queries,
         # plain multi-head attention (SDPA's GQA path is slow on CPU in bf16).
@@ -129,6 +131,18 @@ def sdpa_attention(q, k, v, dropout_p, kv_start, q_slots, window, documents=None
         return out.view(B, H, 1, D)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p,
                                           is_causal=plain and q_len > 1, enable_gqa=groups > 1)
+
+
+def one_query_attention(q, k, v, mask):
+    """Decoding's attention, one query per head: q (B, Hkv, G, D), the G query heads that share each
+    KV head, over k, v (B, Hkv, Tk, D), written as sums over D and over Tk. Compiled by inductor on
+    CPU, these become loops fused with the layer's other work, where SDPA is an extern call per layer
+    that costs several times the arithmetic at decode's sizes."""
+    scores = (q[..., None, :] * k[:, :, None]).sum(-1) * q.size(-1) ** -0.5  # (B, Hkv, G, Tk)
+    if mask is not None:
+        scores = scores.masked_fill(~mask, float("-inf"))
+    probs = scores.softmax(dim=-1, dtype=torch.promote_types(scores.dtype, torch.float32)).to(q.dtype)
+    return (probs[..., None] * v[:, :, None]).sum(-2)
 
 
 def attention(q, k, v, backend="sdpa", dropout_p=0.0, kv_start=None, q_slots=None, window=None,

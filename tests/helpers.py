@@ -3,8 +3,11 @@ import itertools
 import os
 
 import torch
+from tokenizers import Tokenizer as HFTokenizer
+from tokenizers import decoders, models, pre_tokenizers, trainers
 
 from llm.config import ModelConfig
+from llm.model.tokenizer import EOT, Tokenizer
 from llm.model.transformer import Transformer
 
 OPTIONS = {
@@ -47,3 +50,13 @@ def fresh_seed() -> int:
     print(f"seed = {value}")
     torch.manual_seed(value)
     return value
+
+
+def old_tokenizer(text: str) -> Tokenizer:
+    """A tokenizer trained as before the chat markers were reserved: <|endoftext|> only."""
+    hf = HFTokenizer(models.BPE())
+    hf.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    hf.decoder = decoders.ByteLevel()
+    hf.train_from_iterator([text], trainers.BpeTrainer(vocab_size=300, special_tokens=[EOT], show_progress=False,
+                                                       initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    return Tokenizer(hf)

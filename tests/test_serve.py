@@ -26,7 +26,7 @@ from llm.serve.api import chat_stops
 from llm.serve.engine import Engine
 from llm.serve.runner import ModelRunner
 from llm.serve.sequence import Sequence
-from tests.helpers import fresh_seed, tiny_model
+from tests.helpers import fresh_seed, old_tokenizer, tiny_model
 
 openai = pytest.importorskip("openai")
 
@@ -167,7 +167,7 @@ def test_chat_equals_the_template_completed(client, reference):
 
 def test_a_turn_ends_at_the_end_of_turn_token_or_text():
     """ChatML's end of turn stops chat as a token where the tokenizer has it, and as text always."""
-    tokenizer = Tokenizer.train([TEXT], vocab_size=280)
+    tokenizer = old_tokenizer(TEXT)  # trained before <|im_end|> was reserved
     template = ChatTemplate.default()
     assert chat_stops(tokenizer, template) == ({tokenizer.eot_id}, ("<|im_end|>",))
     tokenizer.hf.add_special_tokens(["<|im_start|>", "<|im_end|>"])

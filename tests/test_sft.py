@@ -17,15 +17,13 @@ import transformers
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from safetensors.torch import load_file
-from tokenizers import Tokenizer as HFTokenizer
-from tokenizers import decoders, models, pre_tokenizers, trainers
 
 import llm
 from llm.model.chat import ChatTemplate
-from llm.model.tokenizer import EOT, Tokenizer
+from llm.model.tokenizer import Tokenizer
 from llm.train.chat_data import Chats, pack, tokenize_conversations, window_rows
 from sample import main as sample_main
-from tests.helpers import tiny_model
+from tests.helpers import old_tokenizer, tiny_model
 from tests.test_distributed import TORCHRUN, assert_same_weights, losses, run
 from train import main as train_main
 
@@ -235,16 +233,6 @@ def test_two_processes_fine_tune_like_one(chats, cache_dir, tmp_path, lora):
 
 
 # ---------------------------------------------------------------- data and templates of older runs
-
-def old_tokenizer(text: str) -> Tokenizer:
-    """A tokenizer trained as before the chat markers were reserved: <|endoftext|> only."""
-    hf = HFTokenizer(models.BPE())
-    hf.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    hf.decoder = decoders.ByteLevel()
-    hf.train_from_iterator([text], trainers.BpeTrainer(vocab_size=300, special_tokens=[EOT], show_progress=False,
-                                                       initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
-    return Tokenizer(hf)
-
 
 def test_an_older_model_gets_the_chat_markers(chats, cache_dir, tmp_path, capsys):
     tokenizer = old_tokenizer(chat_text(chats["rows"]))

@@ -26,7 +26,6 @@ import time
 from pathlib import Path
 
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
 
 from llm.bench import machine, sync
@@ -34,7 +33,7 @@ from llm.runtime import choose_device, native_bf16
 from llm.errors import ArgumentParser, UserError
 from llm.infer.generate import CompiledStep, Sampling, check_compile_backend, decode_one, generate
 from llm.model.transformer import Transformer
-from llm.infer.quantize import (METHODS, check_method, Int4Linear, Int8Linear, PackedLinear, StreamedLinear, TransposedLinear,
+from llm.infer.quantize import (METHODS, bytes_per_step, check_method, Int8Linear, PackedLinear, TransposedLinear,
                                  for_decoding, streamed_product)
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -52,20 +51,6 @@ def build_model(name: str, device, dtype, block_size: int) -> Transformer:
     model.init_weights()
     model.init_buffers()
     return model.to(dtype).eval()
-
-
-def bytes_per_step(model, batch: int, cache_len: int) -> int:
-    """What one decode step reads: every weight of the layers and the head (not the embedding table,
-    one row of which is read, unless it is the tied head), and the whole static KV cache."""
-    kinds = (nn.Linear, TransposedLinear, PackedLinear, StreamedLinear, Int8Linear, Int4Linear, nn.RMSNorm, nn.LayerNorm)
-    weights = sum(t.nbytes for m in model.modules() if isinstance(m, kinds)
-                  for t in [*m.parameters(recurse=False), *m.buffers(recurse=False)] if t is not None)
-    if model.output is None:
-        weights += model.tok_embeddings.weight.nbytes
-    c = model.config
-    dtype = next(model.parameters()).dtype
-    cache = 2 * c.n_layer * batch * c.n_kv_head * cache_len * c.head_dim * dtype.itemsize
-    return weights + cache
 
 
 def read_bandwidth(device, dtype, quantized: bool, compile_backend: str | None = None, repeats: int = 20) -> float:

@@ -275,7 +275,7 @@ def first_difference(a: list[int], b: list[int]) -> int | None:
 
 def our_engines(hf_dir: Path, methods: list[str], compile_backend: str | None) -> list[Engine]:
     """Ours as sample.py runs them: eager (packed weights) and compiled, per quantization."""
-    from llm.bench.decode import bytes_per_step
+    from llm.infer.quantize import bytes_per_step
     from llm.formats.load import load
     from llm.infer.generate import CompiledStep, decode_one
     from llm.infer.quantize import for_decoding
@@ -316,7 +316,7 @@ def peer_engines(hf_dir: Path, methods: list[str], args, out: Path, fp32_bytes: 
 
 def compare_peers(args, read_gbps: Callable[[bool], float]) -> dict:
     """The table: every engine on the same model (args.peers) and prompt, alternated."""
-    from llm.bench.decode import bytes_per_step
+    from llm.infer.quantize import bytes_per_step
     from llm.formats.load import load
 
     try:

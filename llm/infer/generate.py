@@ -262,30 +262,30 @@ def complete(model, tokenizer, prompts: list[str | list[int]], max_new_tokens: i
     eot = tokenizer.eot_id
     stops = [i for i in (eot, *stop_ids) if i is not None]
     prompt_ids = [list(p) if isinstance(p, list) else prompt_tokens(tokenizer, p) for p in prompts]
-    room = model.config.block_size - max_new_tokens
     if truncate:
+        room = model.config.block_size - max_new_tokens
         if room < 1:
             raise ValueError(f"max_new_tokens={max_new_tokens} leaves no room for a prompt in a context of {model.config.block_size}")
         prompt_ids = [p[-room:] for p in prompt_ids]
     generator = torch.Generator(device).manual_seed(seed) if seed is not None else None
     streams = [TextStream(tokenizer, stop, p) for p in prompt_ids]
-    ids: list[list[int]] = [[] for _ in prompts]
-    done = [False] * len(prompts)
-    # Host-side work each step only when text is needed now (streaming or stop strings);
-    # otherwise tokens stay on the device and end-of-sequence is checked every 16 steps.
-    per_step = on_text is not None or bool(stop)
-    steps = []
-    finished = torch.zeros(len(prompts), dtype=torch.bool, device=device)
     pad = eot if eot is not None else 0  # any id: padding is masked
     tokens = generate(model, prompt_ids, max_new_tokens, sampling, generator, use_cache, pad, decode_step) if max_new_tokens else iter(())
-    for i, token in enumerate(tokens):
-        if not per_step:
-            steps.append(token)
-            if stops:
-                finished |= torch.isin(token, torch.tensor(stops, device=device))
-                if i % 16 == 15 and bool(finished.all()):
-                    break
-            continue
+    # Host-side work each step only when text is needed now (streaming or stop strings);
+    # otherwise tokens stay on the device and end-of-sequence is checked every 16 steps.
+    if on_text is not None or stop:
+        ids = follow_streams(tokens, streams, stops, on_text)
+    else:
+        ids = collect_on_device(tokens, streams, stops, device)
+    return [{"prompt_ids": p, "ids": i, "text": s.text} for p, i, s in zip(prompt_ids, ids, streams)]
+
+
+def follow_streams(tokens, streams: list[TextStream], stops: list[int], on_text) -> list[list[int]]:
+    """Each step's tokens through the rows' text streams as they come, so that a stop string ends
+    its row at once; returns each row's ids."""
+    ids: list[list[int]] = [[] for _ in streams]
+    done = [False] * len(streams)
+    for token in tokens:
         for row, t in enumerate(token.tolist()):
             if done[row]:
                 continue
@@ -300,17 +300,31 @@ def complete(model, tokenizer, prompts: list[str | list[int]], max_new_tokens: i
                 on_text(row, piece)
         if all(done):
             break
+    for row, stream in enumerate(streams):
+        if not done[row]:  # ran out of tokens: release what was held back
+            tail = stream.finish()
+            if tail and on_text:
+                on_text(row, tail)
+    return ids
+
+
+def collect_on_device(tokens, streams: list[TextStream], stops: list[int], device) -> list[list[int]]:
+    """The steps' tokens kept on the device (one host sync per 16 steps, for end of sequence), then
+    cut at each row's first stop and decoded; returns each row's ids."""
+    steps = []
+    finished = torch.zeros(len(streams), dtype=torch.bool, device=device)
+    stop_tensor = torch.tensor(stops, dtype=torch.long, device=device)
+    for i, token in enumerate(tokens):
+        steps.append(token)
+        if stops:
+            finished |= torch.isin(token, stop_tensor)
+            if i % 16 == 15 and bool(finished.all()):
+                break
+    ids: list[list[int]] = [[] for _ in streams]
     if steps:
         for row, seq in enumerate(torch.stack(steps, dim=1).tolist()):
             ids[row] = seq[: next((k for k, t in enumerate(seq) if t in stops), len(seq))]
             for t in ids[row]:
                 streams[row].add(t)
             streams[row].finish()
-    results = []
-    for row, stream in enumerate(streams):
-        if per_step and not done[row]:  # ran out of tokens: release what was held back
-            tail = stream.finish()
-            if tail and on_text:
-                on_text(row, tail)
-        results.append({"prompt_ids": prompt_ids[row], "ids": ids[row], "text": stream.text})
-    return results
+    return ids

@@ -277,3 +277,17 @@ def check_method(method: str, device: torch.device | str = "cpu"):
                         f"int4: a scale and offset per {INT4_GROUP_SIZE} inputs; both weight-only)")
     if method == "int4" and torch.device(device).type != "cpu":
         raise UserError("--quantize int4: CPU only (PyTorch's CPU int4 kernel); use int8 on this device")
+
+
+def bytes_per_step(model, batch: int, cache_len: int) -> int:
+    """What one decode step reads: every weight of the layers and the head (not the embedding table,
+    one row of which is read, unless it is the tied head), and the whole static KV cache."""
+    kinds = (nn.Linear, TransposedLinear, PackedLinear, StreamedLinear, Int8Linear, Int4Linear, nn.RMSNorm, nn.LayerNorm)
+    weights = sum(t.nbytes for m in model.modules() if isinstance(m, kinds)
+                  for t in [*m.parameters(recurse=False), *m.buffers(recurse=False)] if t is not None)
+    if model.output is None:
+        weights += model.tok_embeddings.weight.nbytes
+    c = model.config
+    dtype = next(model.parameters()).dtype
+    cache = 2 * c.n_layer * batch * c.n_kv_head * cache_len * c.head_dim * dtype.itemsize
+    return weights + cache

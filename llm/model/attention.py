@@ -112,6 +112,21 @@ def triton_attention(q, k, v, kv_start, q_slots, window):
     return flash_attention(q, k, v, causal=True, kv_start=kv_start, kv_end=kv_end, window=window)
 
 
+def packed_triton_attention(q, k, v, documents, window):
+    """Windows packing several documents through the kernel's variable-length entry: the rows laid
+    end to end, each run of one document index a sequence that attends only to itself."""
+    from triton_kernels import flash_attention_varlen
+
+    B, H, T, D = q.shape
+    starts = torch.ones_like(documents, dtype=torch.bool)
+    starts[:, 1:] = documents[:, 1:] != documents[:, :-1]
+    end = torch.tensor([B * T], device=q.device)
+    cu_seqlens = torch.cat([starts.flatten().nonzero()[:, 0], end]).to(torch.int32)
+    rows = lambda x: x.transpose(1, 2).reshape(B * T, x.size(1), D)  # noqa: E731
+    out = flash_attention_varlen(rows(q), rows(k), rows(v), cu_seqlens, cu_seqlens, T, T, causal=True, window=window)
+    return out.view(B, T, H, D).transpose(1, 2)
+
+
 def sdpa_attention(q, k, v, dropout_p, kv_start, q_slots, window, documents=None):
     q_len, kv_len = q.size(2), k.size(2)
     # Without padding, a static cache, packed documents or a window that cuts, full-length and
@@ -148,14 +163,12 @@ def one_query_attention(q, k, v, mask):
 def attention(q, k, v, backend="sdpa", dropout_p=0.0, kv_start=None, q_slots=None, window=None,
               documents=None) -> torch.Tensor:
     """Causal attention of q over k, v with the chosen backend; returns (B, H, Tq, D)."""
-    if backend == "auto" and documents is not None:  # our kernel has no packed documents yet
-        backend = "sdpa"
     backend = resolve_backend(backend, q.size(-1), q.dtype, q.device, dropout_p)
     if backend == "triton":
         if dropout_p:
             raise ValueError("the triton attention backend has no attention dropout")
         if documents is not None:
-            raise ValueError("the triton attention backend has no packed documents yet: use attention=sdpa")
+            return packed_triton_attention(q, k, v, documents, window)
         return triton_attention(q, k, v, kv_start, q_slots, window)
     if backend == "naive":
         mask = causal_mask(q.size(2), k.size(2), kv_start, q.device, q_slots, window, documents)

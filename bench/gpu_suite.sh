@@ -47,8 +47,8 @@ else
             echo "warning: installing the carried wheels failed; going on without them" >&2
         fi
     fi
-    # The folder name triton_kernels.bench uses for this device.
-    SLUG=$("$PY" -c 'import torch, triton_kernels.bench as b
+    # The folder name llm.bench attention uses for this device.
+    SLUG=$("$PY" -c 'import torch, llm.bench.attention as b
 print(b.slug(b.device_name(torch.device("cuda"))))' 2>/dev/null || echo no-cuda)
 fi
 R="${DIR:-bench/results/${SLUG:-unknown}}"
@@ -136,14 +136,14 @@ step 1b check_kernel_variants 30 "$PY" bench/gpu/check_kernel.py "${VARIANT_CHEC
     --options "heavy_first,$PIN" --json "$R/check_kernel_variants.json"
 step 2 pytest 90 env FLASH_ATTENTION_OPTIONS="$TEST_PIN" "$PY" -m pytest -q -x \
     -p no:cacheprovider --durations=10 --junitxml "$R/pytest.xml" ${TESTS[@]+"${TESTS[@]}"}
-step 3a bench 90 "$PY" -m triton_kernels.bench "${SHAPE[@]}" --lengths "$LENGTHS" \
+step 3a bench 90 "$PY" -m llm.bench attention "${SHAPE[@]}" --lengths "$LENGTHS" \
     --modes "$MODES" --causal "$CAUSAL" --impls "$FLASH,triton" --out "$R" --name attention_bench
-step 3b bench_long 20 "$PY" -m triton_kernels.bench "${SHAPE[@]}" --lengths "$LONG" --modes fwd \
+step 3b bench_long 20 "$PY" -m llm.bench attention "${SHAPE[@]}" --lengths "$LONG" --modes fwd \
     --causal true --impls naive,triton --out "$R" --name attention_long
-step 3c bench_variants 35 "$PY" -m triton_kernels.bench "${SHAPE[@]}" \
+step 3c bench_variants 35 "$PY" -m llm.bench attention "${SHAPE[@]}" \
     --lengths "$VARIANT_LENGTHS" --causal true --modes "$VARIANT_MODES" --impls "$VARIANTS" \
     --out "$R" --name attention_variants
-step 3d bench_decode 20 "$PY" -m triton_kernels.bench "${DECODE_SHAPE[@]}" --q_len 1 \
+step 3d bench_decode 20 "$PY" -m llm.bench attention "${DECODE_SHAPE[@]}" --q_len 1 \
     --lengths "$DECODE_LENGTHS" --modes fwd --impls sdpa,triton \
     --out "$R" --name attention_decode
 # Steps 4 and 5 call python -m llm.bench (see bench/gpu/README.md for the contract). Eager runs

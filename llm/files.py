@@ -19,14 +19,19 @@ def temporary_sibling(path: Path) -> Path:
     return path.with_name(f".{path.name}.tmp-{secrets.token_hex(4)}")
 
 
-def write_text(path, text: str):
+def write_bytes(path, data: bytes):
     path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = temporary_sibling(path)
     try:
-        tmp.write_text(text)
+        tmp.write_bytes(data)
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def write_text(path, text: str):
+    write_bytes(path, text.encode())
 
 
 def write_json(path, obj):

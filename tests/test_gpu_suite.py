@@ -1,5 +1,5 @@
 """The GPU suite's tooling, checked on the CPU so that GPU time is never spent on a script error:
-bench/gpu_suite.sh --dry-run end to end, triton_kernels/bench.py's recording of failures and of
+bench/gpu_suite.sh --dry-run end to end, llm/bench/attention.py's recording of failures and of
 partial sweeps, and bench/gpu/compile_configs.py's sm_90 compile of one tile."""
 import json
 import os
@@ -67,7 +67,7 @@ def test_suite_rejects_unknown_arguments():
 
 @pytest.fixture
 def bench(monkeypatch):
-    from triton_kernels import bench
+    from llm.bench import attention as bench
     if not bench.INTERPRETED:
         pytest.skip("the benchmark re-runs itself under the interpreter without CUDA")
     return bench
@@ -85,7 +85,7 @@ def test_bench_records_a_failure_and_goes_on(bench, tmp_path, monkeypatch):
 
     monkeypatch.setitem(bench.IMPLS, "naive", out_of_resources)
     monkeypatch.setitem(bench.IMPLS, "sdpa", out_of_memory)
-    bench.main(["--lengths", "16", "--modes", "fwd", "--causal", "true", "--impls",
+    bench.bench_attention(["--lengths", "16", "--modes", "fwd", "--causal", "true", "--impls",
                 "naive,sdpa,triton", "--out", str(tmp_path)])
     data = json.loads((tmp_path / "attention_bench.json").read_text())
     status = {r["impl"]: r["status"] for r in data["results"]}
@@ -107,7 +107,7 @@ def test_bench_writes_each_row_as_measured(bench, tmp_path, monkeypatch):
 
     monkeypatch.setattr(bench, "measure", interrupted)
     with pytest.raises(KeyboardInterrupt):
-        bench.main(["--lengths", "16,32", "--modes", "fwd", "--causal", "true", "--impls",
+        bench.bench_attention(["--lengths", "16,32", "--modes", "fwd", "--causal", "true", "--impls",
                     "sdpa", "--out", str(tmp_path), "--name", "partial"])
     data = json.loads((tmp_path / "partial.json").read_text())
     assert not data["complete"] and [r["seq_len"] for r in data["results"]] == [16]

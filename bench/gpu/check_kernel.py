@@ -17,7 +17,6 @@ runs at toy sizes in Triton's interpreter (re-executing itself with TRITON_INTER
 checks the script, not the GPU.
 """
 import argparse
-import json
 import os
 import sys
 import time
@@ -30,6 +29,7 @@ if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
     os.execve(sys.executable, [sys.executable, *sys.argv], dict(os.environ, TRITON_INTERPRET="1"))
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+from llm.files import write_json  # noqa: E402
 from triton_kernels import flash_attention, flash_attention_varlen  # noqa: E402
 from triton_kernels.flash import Options  # noqa: E402
 from triton_kernels.reference import (attention_reference, attention_reference_varlen,  # noqa: E402
@@ -171,19 +171,13 @@ def main(argv=None):
                     print(f"{case[0]:<31}{row['dtype']:<6}{head_dim:>4}  {str(options):<34}"
                           f"{shown}  {row['result']}", flush=True)
                     if cfg.json:
+                        cfg.json.parent.mkdir(parents=True, exist_ok=True)
                         write_json(cfg.json, rows)
                     if on_cuda:
                         torch.cuda.empty_cache()
     failed = [r for r in rows if not r["ok"]]
     print(f"\n{len(rows) - len(failed)} passed, {len(failed)} failed")
     return 1 if failed else 0
-
-
-def write_json(path, rows):
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(rows, indent=1) + "\n")
-    os.replace(tmp, path)
 
 
 if __name__ == "__main__":

@@ -7,6 +7,7 @@
     python -m llm.bench finetune  memory and tokens/s of full fine-tuning against LoRA (and a local example)
     python -m llm.bench serve     the server under 1, 4 and 16 concurrent clients (requests/s, tokens/s,
                                   time to first token, per-token latency), next to sample.py alone
+    python -m llm.bench attention our Triton kernel against naive attention and PyTorch SDPA (TFLOP/s, memory)
 
 Each command's --help (after its name) lists its options.
 """

@@ -1,9 +1,9 @@
-"""python -m llm.bench {train,speedrun,sample,decode,finetune,serve} [options]: see llm/bench/__init__.py."""
+"""python -m llm.bench {train,speedrun,sample,decode,finetune,serve,attention} [options]: see llm/bench/__init__.py."""
 import sys
 
 from llm.errors import UserError, exit_on_user_error
 
-COMMANDS = ("train", "speedrun", "sample", "decode", "finetune", "serve")
+COMMANDS = ("train", "speedrun", "sample", "decode", "finetune", "serve", "attention")
 
 
 def main(argv):
@@ -18,6 +18,8 @@ def main(argv):
             from llm.bench.finetune import bench_finetune as command
         elif argv[0] == "decode":
             from llm.bench.decode import bench_decode as command
+        elif argv[0] == "attention":
+            from llm.bench.attention import bench_attention as command
         elif argv[0] == "serve":
             from llm.bench.serve import bench_serve as command
         else:

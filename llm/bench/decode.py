@@ -18,7 +18,6 @@ decoded by us, transformers and llama.cpp, alternated, whole calls and steady st
     python -m llm.bench decode --ckpt out --compile --eval_data llm/ --no_hf --no_latency --no_kernels
 """
 import copy
-import json
 import os
 import statistics
 import tempfile
@@ -30,6 +29,7 @@ import torch.nn.functional as F
 
 from llm.bench import machine, sync
 from llm.runtime import choose_device, native_bf16
+from llm.files import write_json
 from llm.errors import ArgumentParser, UserError
 from llm.infer.generate import CompiledStep, Sampling, check_compile_backend, decode_one, generate
 from llm.model.transformer import Transformer
@@ -39,7 +39,7 @@ from llm.infer.quantize import (METHODS, bytes_per_step, check_method, Int8Linea
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-def build_model(name: str, device, dtype, block_size: int) -> Transformer:
+def random_model(name: str, device, dtype, block_size: int) -> Transformer:
     """A config's shapes with random weights (GPT-2 init), built without a throwaway init."""
     from llm.config import resolve
 
@@ -314,7 +314,7 @@ def bench_decode(argv):
                     results["quantization"].append(quantization_row(name, base, method, args.compile, held_out))
             print()
     if args.json:
-        Path(args.json).write_text(json.dumps(results, indent=2) + "\n")
+        write_json(args.json, results)
         print(f"results written to {args.json}")
 
 
@@ -325,7 +325,7 @@ def load_model(name: str, dtype, args) -> Transformer:
         model, _ = load(args.ckpt, device=args.device, dtype=dtype)
     else:
         block_size = max(1024, 1000 + 40, args.prompt_len + args.new_tokens)  # room for the latency test
-        model = build_model(name, args.device, dtype, block_size)
+        model = random_model(name, args.device, dtype, block_size)
     c = model.config
     print(f"{name}: {model.num_params() / 1e6:.1f}M parameters ({c.n_layer} layers, d_model {c.d_model}, "
           f"{c.n_head}/{c.n_kv_head} heads, vocab {c.vocab_size}), {str(dtype).removeprefix('torch.')}")

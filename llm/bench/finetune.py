@@ -13,7 +13,6 @@ included) over the second half of the steps.
 and 64 conversations as JSONL: a fine-tuning example that needs no download.
 """
 import json
-import os
 import random
 import subprocess
 import sys
@@ -21,6 +20,7 @@ import tempfile
 from pathlib import Path
 
 from llm.bench import machine
+from llm.files import write_json
 from llm.errors import ArgumentParser, UserError
 
 ROOT = Path(__file__).resolve().parent.parent.parent
@@ -104,7 +104,4 @@ def bench_finetune(argv):
                   + (f"  ({r['note']})" if r["note"] else ""), flush=True)
     print(f"on {machine()}; {known.steps} steps per mode, the second half timed")
     if known.json:
-        known.json.parent.mkdir(parents=True, exist_ok=True)
-        tmp = known.json.with_name(f".{known.json.name}.tmp")
-        tmp.write_text(json.dumps({"device": machine(), "steps": known.steps, "settings": rest, **results}, indent=2) + "\n")
-        os.replace(tmp, known.json)
+        write_json(known.json, {"device": machine(), "steps": known.steps, "settings": rest, **results})

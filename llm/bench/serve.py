@@ -30,6 +30,7 @@ import torch
 from safetensors.torch import save_file
 
 from llm.bench import machine
+from llm.files import write_json
 from llm.errors import ArgumentParser, UserError
 
 ROOT = Path(__file__).resolve().parent.parent.parent
@@ -61,12 +62,11 @@ def parse(argv):
 def random_checkpoint(name: str, folder: Path, context: int) -> Path:
     """A checkpoint folder with random weights in a config's shapes (its context at least `context`)
     and train.py's tokenizer for it."""
-    from llm.bench.decode import build_model
+    from llm.bench.decode import random_model
+    from llm.config import resolve
     from llm.train.data import open_corpus, train_or_load_tokenizer
 
-    from llm.config import resolve
-
-    model = build_model(name, "cpu", torch.float32, max(resolve(name, {}).model.block_size, context))
+    model = random_model(name, "cpu", torch.float32, max(resolve(name, {}).model.block_size, context))
     tokenizer = train_or_load_tokenizer(open_corpus(None), model.config.vocab_size, Path("~/.cache/llm").expanduser(),
                                         50_000_000)
     path = folder / name
@@ -228,5 +228,5 @@ def bench_serve(argv):
             ckpt = Path(args.ckpt) if args.ckpt else random_checkpoint(name, tmp, context)
             results["runs"].append(bench_checkpoint(name, ckpt, tmp, args))
     if args.json:
-        Path(args.json).write_text(json.dumps(results, indent=2) + "\n")
+        write_json(args.json, results)
         print(f"results written to {args.json}")

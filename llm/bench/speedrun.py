@@ -11,7 +11,6 @@ target. Recipes run one after another in this process, on the same prepared data
 gives each one's time and tokens to target, final loss, and its speed-up over the first recipe.
 """
 import json
-import os
 import subprocess
 import sys
 import tempfile
@@ -19,6 +18,7 @@ from pathlib import Path
 
 from llm.bench import machine
 from llm.config import parse_args, parse_value, check_key
+from llm.files import write_json
 from llm.errors import ArgumentParser, UserError
 
 # Today's recipe (AdamW, warmup + cosine, fp32): what the default config trained with before.
@@ -101,8 +101,5 @@ def bench_speedrun(argv):
               f"{r['final_val_loss']:>12.4f}{r['final_val_bpb']:>8.3f}{r['train_seconds']:>8.0f}s"
               f"{f'{first / t:.2f}x' if t and first else '-':>10}")
     if known.json:
-        known.json.parent.mkdir(parents=True, exist_ok=True)
-        tmp = known.json.with_name(f".{known.json.name}.tmp")
-        tmp.write_text(json.dumps({"device": machine(), "config": config, "target": known.target, "rows": rows,
-                                   "recipes": dict(recipes)}, indent=2) + "\n")
-        os.replace(tmp, known.json)
+        write_json(known.json, {"device": machine(), "config": config, "target": known.target, "rows": rows,
+                                "recipes": dict(recipes)})

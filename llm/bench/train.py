@@ -28,6 +28,7 @@ from llm.bench import machine
 from llm.formats.run_dir import latest
 from llm.config import flatten, parse_args, resolve
 from llm.train.data import open_corpus, prepare_tokens
+from llm.files import write_json
 from llm.errors import ArgumentParser, UserError
 from llm.model.tokenizer import Tokenizer
 
@@ -145,7 +146,4 @@ def bench_train(argv):
         print(f"nanoGPT's train.py: {summary['peer_tokens_per_s']:,.0f} tokens/s; ratio {summary['ratio']:.2f}x "
               f"(median of the per-pair ratios {pairs})")
     if known.json:
-        known.json.parent.mkdir(parents=True, exist_ok=True)
-        tmp = known.json.with_name(f".{known.json.name}.tmp")
-        tmp.write_text(json.dumps(summary, indent=2, default=str) + "\n")
-        os.replace(tmp, known.json)
+        write_json(known.json, summary)

@@ -6,9 +6,9 @@ matrix-vector products stream their weights. `for_decoding` picks a format per l
 - float, for a step compiled by inductor on CPU at batch 1 (`compile_backend="inductor"`,
   `batch_size=1`): the weight stays (out, in), and one row's product is written as a sum over the
   input dimension (`streamed_product`), from which inductor generates one loop per output channel,
-  fused with the rest of the step. On the 2-core AVX-512 EPYC this was built on, it streams the
-  weights at the machine's read bandwidth, where oneDNN's matrix-vector product reaches about two
-  thirds of it at the widths of small models (576-768), MKL's less. Other row counts (the prefill)
+  fused with the rest of the step. It streams the weights at about the machine's read bandwidth,
+  which oneDNN's and MKL's matrix-vector products fall short of at small models' widths
+  (docs/decoding.md). Other row counts (the prefill)
   take F.linear. A tied head shares the embedding's matrix: no copy. At 8 rows these sums are
   slower than oneDNN (each output's chain of additions waits on the previous one), so batches
   keep the packed format below.
@@ -19,7 +19,7 @@ matrix-vector products stream their weights. `for_decoding` picks a format per l
 - float elsewhere: stored transposed, (in, out): y = x @ Wᵀ reads it as one contiguous stream.
 - int8 (`quantize="int8"`), a quarter of fp32's bytes: per output channel, q = round(w / s),
   s = max|w| / 127, y = (x @ qᵀ) · s + bias. Eagerly on CPU, PyTorch's int8 weight-only kernel
-  (aten._weight_int8pack_mm), fast with bf16 activations only (6-7x slower with fp32 ones), so
+  (aten._weight_int8pack_mm), fast with bf16 activations only (several times slower with fp32 ones), so
   activations go through it in bf16; it needs the input width to be a multiple of 16, other
   widths and devices convert the weight inside the matmul. In a step compiled by inductor on CPU,
   one row is the streamed sum in fp32, each int8 converted as it is read: faster than the kernel
@@ -28,9 +28,9 @@ matrix-vector products stream their weights. `for_decoding` picks a format per l
 - int4 (`quantize="int4"`, CPU only), an eighth of fp32's bytes plus a bf16 scale and offset per
   group of INT4_GROUP_SIZE inputs: w ≈ (q - 8) · scale + offset, q in 0..15 (the group's min and
   max map to 0 and 15). The product is PyTorch's CPU int4 kernel (aten._weight_int4pack_mm_for_cpu)
-  with bf16 activations (with fp32 ones it is 25x slower), eager and compiled: an inductor loop
-  that unpacks the 4-bit pairs itself ran several times slower here (its per-weight arithmetic,
-  not the memory, is the limit). Layers whose shapes the kernel cannot take (inputs not a multiple
+  with bf16 activations (far slower with fp32 ones), eager and compiled: an inductor loop that
+  unpacks the 4-bit pairs itself is slower (its per-weight arithmetic, not the memory, is the
+  limit). Layers whose shapes the kernel cannot take (inputs not a multiple
   of the group size, outputs not a multiple of 16) are int8 instead, as llama.cpp's quantizer
   falls back for shapes its formats do not fit.
 
@@ -49,8 +49,8 @@ from llm.errors import UserError
 
 METHODS = ("int8", "int4")
 KERNEL_DTYPE = torch.bfloat16  # activations through PyTorch's int8 and int4 CPU kernels
-# The smallest weight worth packing for oneDNN. fp32: the measured break-even against MKL at batch 1
-# (1-4 MB matrices, default and llama-small shapes); bf16: every size, MKL's bf16 products being slower.
+# The smallest weight worth packing for oneDNN. fp32: its break-even against MKL at batch 1 (a
+# oneDNN call costs more to start); bf16: every size, MKL's bf16 products being slower.
 MIN_PACKED_BYTES = {torch.float32: 1 << 21, torch.bfloat16: 0}
 INT4_GROUP_SIZE = 32  # inputs per scale and offset, as llama.cpp's Q4_0 blocks
 

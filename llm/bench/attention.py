@@ -1,6 +1,6 @@
 """Benchmark attention implementations: naive, torch SDPA and the Triton FlashAttention kernel.
 
-    python -m triton_kernels.bench [--lengths 512,1024,...] [--batch 4] [--heads 16]
+    python -m llm.bench attention [--lengths 512,1024,...] [--batch 4] [--heads 16]
         [--kv_heads 16] [--head_dim 128] [--dtype bf16] [--modes fwd,bwd,fwdbwd]
         [--causal both|true|false] [--q_len N] [--impls naive,sdpa,sdpa_flash,triton]
         [--out DIR] [--name NAME]
@@ -38,13 +38,11 @@ import csv
 import datetime
 import gc
 import io
-import json
 import math
 import os
 import platform
 import re
 import sys
-import tempfile
 import time
 import warnings
 from pathlib import Path
@@ -55,14 +53,15 @@ import triton
 from triton.errors import TritonError
 from triton.testing import do_bench, do_bench_cudagraph
 
-from .flash import INTERPRETED, SUPPORTED_HEAD_DIMS, Options, flash_attention
+from llm.files import write_bytes, write_json, write_text
+from triton_kernels.flash import INTERPRETED, SUPPORTED_HEAD_DIMS, Options, flash_attention
 
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 MODES = ("fwd", "bwd", "fwdbwd")
 FLOP_MULTIPLIER = {"fwd": 1.0, "bwd": 2.5, "fwdbwd": 3.5}
 CPU_REPEATS = 2
 HOST_BOUND_RATIO = 1.10  # plain time / CUDA-graph time above which launch overhead dominates
-RESULTS_ROOT = Path(__file__).resolve().parents[1] / "bench" / "results"
+RESULTS_ROOT = Path(__file__).resolve().parents[2] / "bench" / "results"
 INTERPRETER_NOTE = """
 !!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!
 !!! NO GPU: the Triton kernel runs in Triton's CPU INTERPRETER. These timings measure the    !!!
@@ -233,20 +232,6 @@ def matmul_peak_tflops(device):
 # ----------------------------------------------------------------------------------------------
 
 
-def atomic_write(path, write):
-    """Call write(file) on a temp file next to `path`, then move it into place."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-        os.chmod(tmp, 0o644)  # mkstemp creates 0600
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
-
-
 def write_csv(path, rows):
     if not rows:
         return
@@ -254,11 +239,8 @@ def write_csv(path, rows):
     writer = csv.DictWriter(buf, fieldnames=list(rows[0].keys()))
     writer.writeheader()
     writer.writerows(rows)
-    atomic_write(path, lambda f: f.write(buf.getvalue().encode()))
-
-
-def write_json(path, payload):
-    atomic_write(path, lambda f: f.write(json.dumps(payload, indent=2).encode() + b"\n"))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_text(path, buf.getvalue())
 
 
 def write_plot(path, rows, cfg, title, peak):
@@ -291,7 +273,7 @@ def write_plot(path, rows, cfg, title, peak):
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=110)
     plt.close(fig)
-    atomic_write(path, lambda f: f.write(buf.getvalue()))
+    write_bytes(path, buf.getvalue())
 
 
 def format_table(rows):
@@ -327,7 +309,7 @@ def _csv_list(text):
 
 
 def parse_args(argv, on_cuda):
-    parser = _Parser(prog="python -m triton_kernels.bench",
+    parser = _Parser(prog="python -m llm.bench attention",
                      description="Benchmark naive attention, torch SDPA and the Triton kernel.")
     parser.add_argument("--lengths", help="comma-separated sequence lengths (Nq = Nk)")
     parser.add_argument("--batch", type=int)
@@ -408,7 +390,7 @@ def slug(text):
     return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")
 
 
-def rerun_under_interpreter():
+def rerun_under_interpreter(argv):
     """Without CUDA the kernel needs Triton's interpreter, chosen when triton is first imported:
     start this benchmark again in a fresh process with TRITON_INTERPRET=1."""
     if os.environ.get("TRITON_INTERPRET") == "1":  # set, yet triton was imported without it
@@ -416,14 +398,15 @@ def rerun_under_interpreter():
     print("note: no CUDA device; re-running with TRITON_INTERPRET=1 (Triton's CPU interpreter)",
           file=sys.stderr, flush=True)
     env = dict(os.environ, TRITON_INTERPRET="1")
-    os.execve(sys.executable, [sys.executable, "-m", __spec__.name, *sys.argv[1:]], env)
+    os.execve(sys.executable, [sys.executable, "-m", "llm.bench", "attention", *argv], env)
 
 
-def main(argv=None):
+def bench_attention(argv=None):
     on_cuda = torch.cuda.is_available()
-    cfg = parse_args(sys.argv[1:] if argv is None else argv, on_cuda)
+    argv = sys.argv[1:] if argv is None else argv
+    cfg = parse_args(argv, on_cuda)
     if not on_cuda and not INTERPRETED:
-        rerun_under_interpreter()
+        rerun_under_interpreter(argv)
     device = torch.device("cuda" if on_cuda else "cpu")
     name = device_name(device)
     out_dir = cfg.out or RESULTS_ROOT / slug(name)
@@ -482,4 +465,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    bench_attention()

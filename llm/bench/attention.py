@@ -326,7 +326,11 @@ def parse_args(argv, on_cuda):
     parser.add_argument("--out", type=Path, help="output folder")
     parser.add_argument("--name", default="attention_bench", help="output file name stem")
     cfg = parser.parse_args(argv)
+    return checked(cfg, parser, on_cuda)
 
+
+def checked(cfg, parser, on_cuda):
+    """cfg with its defaults for this device filled in and its lists parsed, or one line and exit 2."""
     # Device-dependent defaults: a real sweep on the GPU, a tiny one in the interpreter.
     gpu_defaults = dict(lengths="512,1024,2048,4096,8192,16384,32768", batch=4, heads=16,
                         head_dim=128, dtype="bf16")
@@ -401,6 +405,16 @@ def rerun_under_interpreter(argv):
     os.execve(sys.executable, [sys.executable, "-m", "llm.bench", "attention", *argv], env)
 
 
+def print_header(cfg, name, peak, on_cuda):
+    print(f"device: {name}   torch {torch.__version__}   triton {triton.__version__}")
+    print(f"B={cfg.batch} H={cfg.heads} Hkv={cfg.kv_heads} D={cfg.head_dim} dtype={cfg.dtype} "
+          f"lengths={cfg.lengths}")
+    if peak is not None:
+        print(f"bf16 matmul peak (8192^3): {peak:.1f} TFLOP/s")
+    print("extra MB: " + ("max_memory_allocated during the step, less inputs, dO and gradients"
+                          if on_cuda else "n/a (torch CPU allocations are not tracked)"))
+
+
 def bench_attention(argv=None):
     on_cuda = torch.cuda.is_available()
     argv = sys.argv[1:] if argv is None else argv
@@ -419,13 +433,7 @@ def bench_attention(argv=None):
         print(INTERPRETER_NOTE)  # instead of the kernel's own interpreter warning
         warnings.filterwarnings("ignore", message="flash_attention is running in the Triton")
     peak = matmul_peak_tflops(device) if on_cuda else None
-    print(f"device: {name}   torch {torch.__version__}   triton {triton.__version__}")
-    print(f"B={cfg.batch} H={cfg.heads} Hkv={cfg.kv_heads} D={cfg.head_dim} dtype={cfg.dtype} "
-          f"lengths={cfg.lengths}")
-    if peak is not None:
-        print(f"bf16 matmul peak (8192^3): {peak:.1f} TFLOP/s")
-    print("extra MB: " + ("max_memory_allocated during the step, less inputs, dO and gradients"
-                          if on_cuda else "n/a (torch CPU allocations are not tracked)"))
+    print_header(cfg, name, peak, on_cuda)
 
     config = {k: v for k, v in vars(cfg).items() if k not in ("out", "causal_values")}
     title = (f"{name} | {cfg.dtype} B={cfg.batch} H={cfg.heads} Hkv={cfg.kv_heads} "

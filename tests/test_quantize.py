@@ -247,12 +247,14 @@ def test_int4_linear_round_trip_and_matmul(out_16, groups, rows, bias, data):
     step = ((g.amax(-1) - g.amin(-1)) / 15).repeat_interleave(INT4_GROUP_SIZE, 1)
     bf16 = 2**-8 * (8 * step + g.abs().amax(-1).repeat_interleave(INT4_GROUP_SIZE, 1) + step)  # scale and offset
     assert torch.all((layer.dequantized() - w).abs() <= step / 2 + bf16 + 1e-6)
-    x = torch.randn(rows, 2, width)
+    dtype = data.draw(st.sampled_from([torch.float32, torch.bfloat16]), label="dtype")
+    x = torch.randn(rows, 3, width, dtype=dtype)[:, -1:]  # the model's last position: a strided view
     y = layer(x)
     deq = layer.dequantized().double()
     exact = x.double() @ deq.T + (0 if b is None else b.double())
-    bound = 3 * 2**-8 * (x.double().abs() @ deq.abs().T) + 1e-5
-    assert y.shape == (rows, 2, out) and y.dtype == torch.float32 and torch.all((y.double() - exact).abs() <= bound)
+    bound = 3 * 2**-8 * (x.double().abs() @ deq.abs().T) + 2**-8 * exact.abs() * (dtype == torch.bfloat16) + 1e-5
+    expected_dtype = dtype if b is None else torch.promote_types(dtype, b.dtype)  # the bias is added as it is
+    assert y.shape == (rows, 1, out) and y.dtype == expected_dtype and torch.all((y.double() - exact).abs() <= bound)
 
 
 def test_int4_keeps_int8_where_the_kernel_cannot_take_the_shape(seed):

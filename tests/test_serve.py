@@ -18,6 +18,7 @@ import torch
 from safetensors.torch import save_file
 
 import llm
+from llm.bench.serve import launch_server
 from llm.infer.generate import Sampling, TextStream, complete, generate
 from llm.infer.quantize import for_decoding
 from llm.model.chat import ChatTemplate
@@ -59,24 +60,7 @@ def reference(checkpoint):
 
 def start_server(checkpoint: Path, log: Path, *args) -> tuple[subprocess.Popen, str]:
     """python -m llm.serve on a free port; returns the process and its base URL once it answers."""
-    command = [sys.executable, "-m", "llm.serve", "--ckpt", str(checkpoint), "--port", "0", "--max_batch",
-               str(SLOTS), "--max_queue", str(QUEUE), "--log_level", "warning", *args]
-    with open(log, "w") as out:
-        proc = subprocess.Popen(command, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT)
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        assert proc.poll() is None, log.read_text()
-        url = next((line.split()[-1].removesuffix("/v1") for line in log.read_text().splitlines()
-                    if line.startswith("serving on ")), None)
-        if url:
-            try:
-                if httpx.get(f"{url}/health").status_code == 200:
-                    return proc, url
-            except httpx.TransportError:  # not listening yet, or still loading
-                pass
-        time.sleep(0.2)
-    proc.kill()
-    raise AssertionError(f"the server did not start:\n{log.read_text()}")
+    return launch_server(checkpoint, log, ["--max_batch", str(SLOTS), "--max_queue", str(QUEUE), *args], timeout=120)
 
 
 def stop_server(proc: subprocess.Popen):
@@ -350,6 +334,12 @@ def test_serving_benchmark_runs(checkpoint, tmp_path):
         assert (row["clients"], row["requests"], row["failed"]) == (clients, 2 * clients, 0)
         assert row["tokens_per_s"] * row["seconds"] == pytest.approx(6 * 2 * clients)
         assert 0 < row["ttft_p50"] <= row["ttft_p99"] and 0 < row["per_token_p50"] <= row["per_token_p99"]
+    timed = subprocess.run([*command[:6], "--clients", "2", "--seconds", "1", "--prompt_tokens", "5", "--max_tokens", "6",
+                            "--max_batch", "2", "--json", str(out)],
+                           cwd=ROOT, capture_output=True, text=True, timeout=600)  # by time instead of by count
+    assert timed.returncode == 0, timed.stdout[-2000:] + timed.stderr[-2000:]
+    row = json.loads(out.read_text())["runs"][0]["rows"][0]
+    assert row["clients"] == 2 and row["requests"] >= 2 and row["failed"] == 0
 
 
 def run_sequences(model, tokenizer, prompts: list[list[int]], max_tokens: list[int], compile_backend=None,

@@ -93,12 +93,18 @@ def sample_rate(ckpt: Path, prompt: Path, args) -> float:
 
 
 def start_server(ckpt: Path, log: Path, args) -> tuple[subprocess.Popen, str]:
-    command = [sys.executable, "-m", "llm.serve", "--ckpt", str(ckpt), "--port", "0", "--max_batch",
-               str(args.max_batch), "--max_queue", str(max(args.clients) * 2), "--log_level", "warning",
-               *decode_options(args)]
+    return launch_server(ckpt, log, ["--max_batch", str(args.max_batch), "--max_queue", str(max(args.clients) * 2),
+                                     *decode_options(args)])
+
+
+def launch_server(ckpt: Path, log: Path, options: list[str], timeout: float = 600) -> tuple[subprocess.Popen, str]:
+    """python -m llm.serve on a free port, its output in `log`; returns the process and its base
+    URL once it answers, or a UserError with the log's end."""
+    command = [sys.executable, "-m", "llm.serve", "--ckpt", str(ckpt), "--port", "0", "--log_level", "warning",
+               *options]
     with open(log, "w") as out:
         proc = subprocess.Popen(command, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT)
-    deadline = time.monotonic() + 600
+    deadline = time.monotonic() + timeout
     while time.monotonic() < deadline and proc.poll() is None:
         url = next((line.split()[-1].removesuffix("/v1") for line in log.read_text().splitlines()
                     if line.startswith("serving on ")), None)
@@ -148,7 +154,9 @@ async def run_clients(url: str, clients: int, prompts: list[list[int]], args) ->
     deadline = start + args.seconds if args.seconds else None
 
     async def client_loop(client):
-        while (i := next(count)) < budget if deadline is None else time.perf_counter() < deadline:
+        for i in count:  # shared by the clients: request numbers
+            if (time.perf_counter() >= deadline) if deadline else i >= budget:
+                return
             records.append(await one_request(client, url, prompts[i % len(prompts)], args.max_tokens))
 
     limits = httpx.Limits(max_connections=clients + 1)

@@ -211,7 +211,7 @@ class Int4Linear(nn.Module):
         self.register_buffer("bias", None if bias is None else bias.detach().clone())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        flat = x.reshape(-1, x.size(-1)).to(KERNEL_DTYPE)
+        flat = x.reshape(-1, x.size(-1)).to(KERNEL_DTYPE).contiguous()  # the kernel reads rows densely
         y = torch.ops.aten._weight_int4pack_mm_for_cpu(flat, self.weight, self.group_size, self.scales_and_offsets)
         y = y.to(x.dtype)
         if self.bias is not None:

@@ -20,7 +20,7 @@ from llm import runtime
 from llm.errors import ArgumentParser, HelpFormatter, UserError, exit_on_user_error
 from llm.formats.load import chat_template
 from llm.infer.chat import chat_prompt, read_conversation
-from llm.infer.generate import CompiledStep, Sampling, check_compile_backend, complete, decode_one
+from llm.infer.generate import CompiledStep, Sampling, check_compile_backend, complete, decode_one, prompt_tokens
 from llm.infer.quantize import INT4_GROUP_SIZE, METHODS, check_method, for_decoding
 from llm.infer.viz import check_layer_and_head, save_attention_map
 from llm.model.chat import end_of_turn
@@ -36,7 +36,8 @@ def parse(argv):
                         "conversation (a list of messages); the reply stops at the template's end of turn")
     p.add_argument("--system", help="with --chat: a system message before each --prompt")
     p.add_argument("--num_samples", type=int, default=1, help="completions per prompt")
-    p.add_argument("--max_new_tokens", type=int, default=200, help="tokens to generate per completion")
+    p.add_argument("--max_new_tokens", type=int,
+                   help="tokens to generate per completion (default: 200, or what the context leaves after the longest prompt)")
     p.add_argument("--temperature", type=float, default=0.8, help="0 is greedy")
     p.add_argument("--top_k", type=int, default=200, help="0 keeps every token")
     p.add_argument("--top_p", type=float, default=1.0, help="nucleus sampling threshold, in (0, 1]")
@@ -58,7 +59,7 @@ def parse(argv):
     p.add_argument("--attention_layer", type=int, default=-1, help="the layer of --attention_png (negative: from the end)")
     p.add_argument("--attention_head", type=int, default=0, help="the head of --attention_png")
     args = p.parse_args(argv)
-    if args.max_new_tokens < 0 or args.num_samples < 1:
+    if (args.max_new_tokens is not None and args.max_new_tokens < 0) or args.num_samples < 1:
         raise UserError("--max_new_tokens must be >= 0 and --num_samples >= 1")
     args.stop = tuple(unescape(s) for s in args.stop)
     if args.compile:
@@ -102,6 +103,13 @@ def read_chats(args, tokenizer, template) -> list[list[int]]:
     return [chat_prompt(tokenizer, template, c) for c in conversations]
 
 
+def room(model, tokenizer, prompts, most: int = 200) -> int:
+    """--max_new_tokens by default: `most`, or what the context leaves after the longest prompt (a
+    chat's template around a question can fill much of a small model's context)."""
+    longest = max(len(p) if isinstance(p, list) else len(prompt_tokens(tokenizer, p)) for p in prompts)
+    return max(1, min(most, model.config.block_size - longest))
+
+
 def main(argv) -> int:
     with exit_on_user_error():
         args = parse(argv)
@@ -130,13 +138,14 @@ def main(argv) -> int:
             prompts = [p for p in read_prompts(args) for _ in range(args.num_samples)]
         # the layout one-token steps read fastest, at this batch size
         for_decoding(model, args.quantize, args.compile, batch_size=len(prompts))
+        max_new_tokens = args.max_new_tokens if args.max_new_tokens is not None else room(model, tokenizer, prompts)
         stream = len(prompts) == 1
         if stream and not args.chat:  # (a chat prints the reply only)
             print(prompts[0], end="", flush=True)
         decode_step = CompiledStep(args.compile) if args.compile else decode_one
         start = time.perf_counter()
         try:
-            results = complete(model, tokenizer, prompts, args.max_new_tokens, sampling, seed=args.seed, stop=args.stop,
+            results = complete(model, tokenizer, prompts, max_new_tokens, sampling, seed=args.seed, stop=args.stop,
                                on_text=(lambda row, text: print(text, end="", flush=True)) if stream else None,
                                use_cache=not args.no_cache, truncate=args.truncate_prompt, decode_step=decode_step,
                                stop_ids=stop_ids)

@@ -1,5 +1,6 @@
 """Sampling: the cache is exact, batching is exact, filters keep the right tokens, streaming is clean."""
 import json
+import re
 import subprocess
 import sys
 from collections import Counter
@@ -174,6 +175,16 @@ def test_attention_map(run_dir, tmp_path):
     assert torch.all(probs.triu(1) == 0)  # causal
     with pytest.raises(llm.errors.UserError, match="2 layers and 4 heads"):
         attention_map(model, ids, layer=5, head=0)
+
+
+def test_sample_default_length_fits_the_context(run_dir, capsys):
+    """Without --max_new_tokens, a prompt of a random length gets min(200, what the context leaves)."""
+    model, tokenizer = llm.load(run_dir)
+    ids = torch.randint(1, tokenizer.vocab_size, (int(torch.randint(1, model.config.block_size, ())),)).tolist()
+    assert sample_main(["--ckpt", str(run_dir), "--prompt", tokenizer.decode(ids), "--temperature", "0"]) == 0
+    prompt_len = len(tokenizer.encode(tokenizer.decode(ids)))
+    made = int(re.search(r"(\d+) tokens in", capsys.readouterr().err).group(1))
+    assert made <= min(200, model.config.block_size - prompt_len) and made >= 1
 
 
 def test_sample_command_streams_and_reports_speed(run_dir, tmp_path):

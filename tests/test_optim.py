@@ -273,9 +273,11 @@ FSDP_CFG = TrainConfig(optimizer="muon", lr=3e-3, muon_lr=0.02, warmup_steps=2, 
 FSDP_SCRIPT = """
 import sys
 from pathlib import Path
+from llm.train.distributed import exit_process
 from tests.test_optim import fsdp_worker
 
 fsdp_worker(int(sys.argv[1]), Path(sys.argv[2]), Path(sys.argv[3]) if len(sys.argv) > 3 else None)
+exit_process(0)  # as train.py's workers end: no interpreter teardown under FSDP2 (llm/train/distributed.py)
 """
 
 
@@ -365,9 +367,11 @@ SHARDED_SHAPES = [(75, 32), (97, 16), (3, 40), (1, 8), (16, 16)]
 SHARDED_SCRIPT = """
 import sys
 from pathlib import Path
+from llm.train.distributed import exit_process
 from tests.test_optim import sharded_muon_worker
 
 sharded_muon_worker(int(sys.argv[1]), Path(sys.argv[2]))
+exit_process(0)  # as train.py's workers end: no interpreter teardown under FSDP2 (llm/train/distributed.py)
 """
 
 

@@ -17,7 +17,6 @@ kernels, whose lengths are unknown at compile time, spill a few bytes in some ti
 also compiles flash.EXTRA_TILES (selectable, not tuned); --tiles compiles only the tiles named.
 """
 import argparse
-import json
 import os
 import re
 import subprocess
@@ -38,6 +37,7 @@ from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.backends.nvidia.compiler import get_ptxas  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
+from llm.files import write_json  # noqa: E402
 from triton_kernels import flash  # noqa: E402
 
 TARGET = GPUTarget("cuda", 90, 32)
@@ -222,12 +222,8 @@ def main(argv=None):
                         broken.append(f"{name} {tile} D={head_dim} {row['dtype']}: "
                                       f"{row['verdict']}")
     if cfg.json:
-        cfg.json.parent.mkdir(parents=True, exist_ok=True)
-        tmp = cfg.json.with_name(f".{cfg.json.name}.tmp")
-        tmp.write_text(json.dumps(dict(triton=triton.__version__, target=str(TARGET),
-                                       options=str(options), varlen=cfg.varlen,
-                                       window=cfg.window, rows=rows), indent=1) + "\n")
-        os.replace(tmp, cfg.json)
+        write_json(cfg.json, dict(triton=triton.__version__, target=str(TARGET), options=str(options),
+                                  varlen=cfg.varlen, window=cfg.window, rows=rows))
     if broken:
         print("candidates that do not fit (remove them from flash.CANDIDATES):\n  "
               + "\n  ".join(broken))

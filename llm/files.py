@@ -13,6 +13,8 @@ from pathlib import Path
 
 from llm.errors import UserError
 
+NO_ROOM = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)  # a full disk, a quota, a file-size limit
+
 
 def temporary_sibling(path: Path) -> Path:
     """A fresh hidden name in path's folder (same file system, so a rename is atomic)."""

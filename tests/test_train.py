@@ -200,6 +200,39 @@ runpy.run_path("train.py", run_name="__main__")
 """
 
 
+METRICS_FILE_SIZE_LIMITED = """
+import random, resource, sys
+from pathlib import Path
+from llm.train.metrics import MetricsLog
+resource.setrlimit(resource.RLIMIT_FSIZE, (int(sys.argv[2]), int(sys.argv[2])))
+log = MetricsLog(Path(sys.argv[1]), enabled=True)
+for step in range(1, 41):
+    log.log({"step": step, "loss": random.random(), "tokens": random.randrange(10**9)})
+    if step % 10 == 0:
+        log.plot()
+"""
+
+
+def test_metrics_on_a_full_disk_are_skipped_with_one_warning(tmp_path):
+    """metrics.jsonl and loss.png past a file-size limit: one warning line, the run goes on, the
+    records that fit stay readable (a line cut short is left out), no temporary file is left, and a
+    resume keeps what it should."""
+    limit = int(torch.randint(200, 1200, ()))
+    result = subprocess.run([sys.executable, "-c", METRICS_FILE_SIZE_LIMITED, str(tmp_path), str(limit)],
+                            cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    (line,) = result.stderr.splitlines()  # the plot or the log, whichever is first to find no room
+    assert re.fullmatch(f"warning: cannot write {re.escape(str(tmp_path))}/(metrics.jsonl|loss.png): File too large; "
+                        "metrics are skipped while there is no room", line), line
+    from llm.train.metrics import MetricsLog
+    records = MetricsLog(tmp_path, enabled=True).records()
+    assert [r["step"] for r in records] == list(range(1, len(records) + 1)) and 0 < len(records) < 40
+    assert (tmp_path / "metrics.jsonl").stat().st_size <= limit
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["metrics.jsonl"]  # the plot did not fit, nor any tmp
+    kept = MetricsLog(tmp_path, enabled=True, resume_step=len(records) // 2).records()
+    assert kept == records[:len(records) // 2]
+
+
 def test_a_checkpoint_that_cannot_be_written_is_one_line(corpus, cache_dir, tmp_path):
     """Under a file-size limit (as under a full disk or a quota) the checkpoint write fails: one line naming
     the folder and the bytes needed, exit status 2, the previous checkpoint untouched and loadable, no

@@ -34,7 +34,7 @@ from torch.distributed.checkpoint.state_dict import (
 
 from llm.config import RunConfig
 from llm.errors import UserError
-from llm.files import read_json, sync_dir, write_json
+from llm.files import NO_ROOM, read_json, sync_dir, write_json
 from llm.formats.run_dir import checkpoints, latest, step_of
 from llm.model.chat import ChatTemplate
 from llm.model.lora import ADAPTER_FILE, lora_scale, merged, save_adapters
@@ -42,7 +42,6 @@ from llm.model.tokenizer import Tokenizer
 from llm.train.distributed import Dist, any_rank, barrier
 
 LINKED = ("config.json", "model.safetensors", "tokenizer.json")
-NO_ROOM = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)  # a full disk, a quota, a file-size limit
 
 # DCP warns that it assumes a single process when there is no process group: that is intended.
 warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")

@@ -1,7 +1,16 @@
-"""Run metrics: metrics.jsonl, a loss-curve PNG, and optionally Weights & Biases."""
+"""Run metrics: metrics.jsonl, a loss-curve PNG, and optionally Weights & Biases.
+
+A write that finds no room (full disk, quota, file-size limit) skips the record with a one-line
+warning and the run goes on: its next checkpoint, which cannot be written either, ends it in one line
+with the last checkpoint intact (llm.train.checkpoint), on every rank at once.
+"""
+import contextlib
 import json
 import os
+import sys
 from pathlib import Path
+
+from llm.files import NO_ROOM, temporary_sibling, write_text
 
 
 class MetricsLog:
@@ -12,14 +21,14 @@ class MetricsLog:
         self.plot_path = run_dir / "loss.png"
         self.enabled = enabled
         self.wandb = None
+        self.warned = False
         if not enabled:
             return
         if resume_step is not None and self.path.exists():
             # Steps logged after the checkpoint we resume from are about to be redone.
-            kept = [line for line in self.path.read_text().splitlines() if json.loads(line)["step"] <= resume_step]
-            tmp = self.path.with_name(f".{self.path.name}.tmp")
-            tmp.write_text("".join(line + "\n" for line in kept))
-            os.replace(tmp, self.path)
+            kept = [r for r in self.records() if r["step"] <= resume_step]
+            with self.unless_full(self.path):
+                write_text(self.path, "".join(json.dumps(r) + "\n" for r in kept))
         if wandb_settings is not None:
             import wandb
 
@@ -30,16 +39,33 @@ class MetricsLog:
         """Saved with each checkpoint, so that a resumed run continues the same wandb run."""
         return self.wandb.id if self.wandb is not None else None
 
+    @contextlib.contextmanager
+    def unless_full(self, path: Path):
+        """Skip what the body writes to `path` if there is no room for it (warned once)."""
+        try:
+            yield
+        except OSError as e:
+            if e.errno not in NO_ROOM:
+                raise
+            if not self.warned:
+                print(f"warning: cannot write {path}: {e.strerror}; metrics are skipped while there is no room",
+                      file=sys.stderr)
+                self.warned = True
+
     def log(self, record: dict):
         if not self.enabled:
             return
-        with open(self.path, "a") as f:
+        with self.unless_full(self.path), open(self.path, "a") as f:
             f.write(json.dumps(record) + "\n")
         if self.wandb is not None:
             self.wandb.log({k: v for k, v in record.items() if k != "step"}, step=record["step"])
 
     def records(self) -> list[dict]:
-        return [json.loads(line) for line in self.path.read_text().splitlines()] if self.path.exists() else []
+        """The records logged so far; a line cut short (by a full disk) is left out."""
+        if not self.path.exists():
+            return []
+        return [r for r in map(parsed, self.path.read_text(errors="replace").splitlines())
+                if isinstance(r, dict) and "step" in r]
 
     def plot(self):
         """Redraw loss.png (training and validation loss against step)."""
@@ -61,14 +87,25 @@ class MetricsLog:
         ax.grid(alpha=0.3)
         ax.legend()
         fig.tight_layout()
-        tmp = self.plot_path.with_name(".loss.tmp.png")
-        fig.savefig(tmp)
-        plt.close(fig)
-        os.replace(tmp, self.plot_path)
+        tmp = temporary_sibling(self.plot_path)
+        try:
+            with self.unless_full(self.plot_path):
+                fig.savefig(tmp, format="png")
+                os.replace(tmp, self.plot_path)
+        finally:
+            plt.close(fig)
+            tmp.unlink(missing_ok=True)
 
     def close(self):
         if self.wandb is not None:
             self.wandb.finish()
+
+
+def parsed(line: str):
+    try:
+        return json.loads(line)
+    except json.JSONDecodeError:
+        return None
 
 
 # Dense bf16 tensor-core peaks (FLOP/s) by device name, for model FLOPs utilization.

@@ -37,11 +37,11 @@ def losses(run_dir):
     return {r["step"]: r["loss"] for r in map(json.loads, lines) if "loss" in r}
 
 
-def assert_same_weights(a, b):
+def assert_same_weights(a, b, rtol=1e-5, atol=1e-6):
     wa, wb = load_file(Path(a) / "model.safetensors"), load_file(Path(b) / "model.safetensors")
     assert wa.keys() == wb.keys()
     for name in wa:
-        torch.testing.assert_close(wa[name], wb[name], rtol=1e-5, atol=1e-6, msg=name)
+        torch.testing.assert_close(wa[name], wb[name], rtol=rtol, atol=atol, msg=name)
 
 
 @pytest.fixture(scope="module")
@@ -258,4 +258,6 @@ def test_two_nodes_share_out_dir_and_cache_stop_together_and_resume_on_other_sha
     assert sorted(a) == sorted(b) == list(range(1, step + 5))
     for i in a:
         assert a[i] == pytest.approx(b[i], rel=1e-5), i
-    assert_same_weights(out, tmp_path / "one")
+    # As many steps as ran before the SIGTERM (20-80 here, more on a slower machine): the order of the
+    # sums drifts by ~1e-7 at 20 steps and grows; one step or one batch more or less is ~1e-3.
+    assert_same_weights(out, tmp_path / "one", rtol=1e-4, atol=2e-5)

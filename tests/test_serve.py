@@ -376,6 +376,27 @@ def test_idle_rows_never_run_past_the_cache(seed):
     assert sum(lengths) > 3 * 24
 
 
+def test_an_eager_step_reads_only_the_cache_its_rows_need(seed):
+    """Rows at random positions: the step reads the shortest power-of-two fraction of the cache (down
+    to 1/16) that holds every row's next slot, and its logits are those of a step that reads it all
+    (float64)."""
+    model = tiny_model(seed, block_size=64)
+    runner, whole = ModelRunner(model, 4), ModelRunner(model, 4)
+    whole.windows = None  # as a compiled step: the whole cache
+    busy = int(torch.randint(1, 4, ()))
+    with torch.inference_mode():
+        for slot in range(busy):
+            prompt = torch.randint(0, model.config.vocab_size, (int(torch.randint(1, 40, ())),)).tolist()
+            for r in (runner, whole):
+                r.prefill(slot, prompt)
+        for _ in range(int(torch.randint(1, 8, ()))):
+            needed = int(runner.cache.pos.max()) + 1
+            assert runner.window().max_len == max(4, 1 << (needed - 1).bit_length())
+            tokens = torch.randint(0, model.config.vocab_size, (4,)).tolist()
+            torch.testing.assert_close(runner.decode(tokens), whole.decode(tokens), rtol=1e-12, atol=1e-12)
+        assert torch.equal(runner.cache.pos, whole.cache.pos)
+
+
 def test_compiled_step_compiles_once_while_requests_come_and_go(seed):
     from torch._dynamo.testing import CompileCounter
 

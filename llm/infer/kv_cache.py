@@ -9,9 +9,9 @@ class KVCache:
     `pos` (batch,) is each row's next slot to write: rows advance together in a generation
     (prompts of different lengths are left-padded), or each on its own in a server whose rows
     are requests that come and go (`reset_row`). It is a tensor on the cache's device, advanced in
-    place by the model, and readers always get the whole buffers (attention masks the slots
-    after each query's): a decode step has the same shapes and inputs from the first token to
-    the last, so it compiles once and can be replayed as a CUDA graph.
+    place by the model, and readers get the whole buffers (attention masks the slots after each
+    query's): a decode step has the same shapes and inputs from the first token to the last, so it
+    compiles once and can be replayed as a CUDA graph. (An eager step may read less: `first`.)
     """
 
     def __init__(self, config, batch_size, max_len, device, dtype):
@@ -41,4 +41,14 @@ class KVCache:
         view.k = [t[b : b + 1] for t in self.k]
         view.v = [t[b : b + 1] for t in self.v]
         view.max_len, view.pos, view.rows = self.max_len, self.pos[b : b + 1], self.rows[:1]
+        return view
+
+    def first(self, length: int) -> "KVCache":
+        """The first `length` positions of every row, as a cache that reads and writes this one's
+        buffers (views): for a step whose rows all stand before `length`, attention then reads only
+        those positions (the ones after each row's are masked anyway)."""
+        view = object.__new__(KVCache)
+        view.k = [t[:, :, :length] for t in self.k]
+        view.v = [t[:, :, :length] for t in self.v]
+        view.max_len, view.pos, view.rows = length, self.pos, self.rows
         return view

@@ -29,6 +29,7 @@ from llm.model.tokenizer import EOT, Tokenizer
 from llm.model.transformer import Transformer
 from sample import main as sample_main
 from tests.test_hf import FAMILY_CASES, LLAMA3, TEXT, make_family_dirs, our_model, write_run
+from tests.helpers import fresh_seed
 from train import main as train_main
 
 QTYPE = gguf.GGMLQuantizationType
@@ -246,6 +247,118 @@ def test_gguf_tokenizer_is_the_original(tokenizer_pairs, text, ids):
         assert rebuilt.decode(ids) == original.decode(ids), name
 
 
+# ---------------------------------------------------------------- SentencePiece vocabularies
+
+def sentencepiece_vocab(seed: int) -> tuple[list[str], list[float], list[int]]:
+    """A made-up SentencePiece vocabulary as GGUF holds one (Llama 2's layout: <unk> <s> </s>, the
+    byte tokens, characters, then pieces joined from two others), its scores in a random order."""
+    generator = torch.Generator().manual_seed(seed)
+    tokens = ["<unk>", "<s>", "</s>"] + [f"<0x{b:02X}>" for b in range(256)]
+    types = [TYPE_UNKNOWN, TYPE_CONTROL, TYPE_CONTROL] + [gguf.TokenType.BYTE] * 256
+    chars = list("▁abcdeéxyz.,1🐍")
+    pieces = list(chars)
+    while len(pieces) < 200:
+        i, j = torch.randint(0, len(pieces), (2,), generator=generator).tolist()
+        if pieces[i] + pieces[j] not in pieces and len(pieces[i] + pieces[j]) <= 6:
+            pieces.append(pieces[i] + pieces[j])
+    tokens += pieces
+    types += [gguf.TokenType.NORMAL] * len(pieces)
+    scores = [0.0] * 259 + (-torch.randperm(len(pieces), generator=generator).float()).tolist()
+    return tokens, scores, types
+
+
+TYPE_UNKNOWN, TYPE_CONTROL = gguf.TokenType.UNKNOWN, gguf.TokenType.CONTROL
+
+
+def llama_cpp_spm(text: str, tokens: list[str], scores: list[float], types: list[int]) -> list[int]:
+    """llama.cpp's SentencePiece tokenization (llm_tokenizer_spm), written plainly: spaces as ▁, one
+    before a text that is not empty; from its characters, merge the adjacent pair whose joint piece scores highest
+    (the leftmost of equals) until none is in the vocabulary; a piece outside it becomes its bytes."""
+    if not text:  # (no space either)
+        return []
+    ids = {t: i for i, t in enumerate(tokens)}
+    mergeable = {t: scores[i] for i, t in enumerate(tokens) if types[i] == gguf.TokenType.NORMAL}
+    symbols = list("▁" + text.replace(" ", "▁"))
+    while True:
+        best = None
+        for i in range(len(symbols) - 1):
+            joint = symbols[i] + symbols[i + 1]
+            if joint in mergeable and (best is None or mergeable[joint] > best[0]):
+                best = (mergeable[joint], i)
+        if best is None:
+            break
+        i = best[1]
+        symbols[i:i + 2] = [symbols[i] + symbols[i + 1]]
+    return [t for symbol in symbols for t in
+            ([ids[symbol]] if symbol in ids else [ids[f"<0x{b:02X}>"] for b in symbol.encode()])]
+
+
+def write_sentencepiece_gguf(path: Path, tokens, scores, types, add_bos: bool | None = False) -> Path:
+    writer = gguf.GGUFWriter(path, "llama")
+    writer.add_tokenizer_model("llama")
+    writer.add_token_list(tokens)
+    writer.add_token_scores(scores)
+    writer.add_token_types(types)
+    writer.add_bos_token_id(1)
+    writer.add_eos_token_id(2)
+    if add_bos is not None:
+        writer.add_add_bos_token(add_bos)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path
+
+
+@pytest.fixture(scope="module")
+def sentencepiece_pair(tmp_path_factory):
+    seed = fresh_seed()
+    vocab = sentencepiece_vocab(seed)
+    path = write_sentencepiece_gguf(tmp_path_factory.mktemp("spm") / "spm.gguf", *vocab)
+    return vocab, gguf_format.load_tokenizer(path), path
+
+
+@settings(max_examples=150, deadline=None)
+@given(text=st.text(alphabet=st.sampled_from(list("abcdeéxyz.,1 🐍Qé\n")), max_size=40) | st.text(max_size=20))
+@example(text="abc abc  xyz. Q🐍é")
+def test_gguf_sentencepiece_tokenizes_as_llama_cpp(sentencepiece_pair, text):
+    """A SentencePiece vocabulary from GGUF (llama 2's kind) encodes as llama.cpp's algorithm does on
+    random text (with scores in a random order), and decodes back to the text."""
+    vocab, tokenizer, _ = sentencepiece_pair
+    ids = tokenizer.encode(text)
+    assert ids == llama_cpp_spm(text, *vocab)
+    assert tokenizer.decode(ids) == text.replace("▁", " ")  # (▁ is how the vocabulary writes a space)
+    assert tokenizer.eot_id == 2
+
+
+def test_llama_cpp_tokenizes_our_sentencepiece_gguf_as_we_read_it(sentencepiece_pair):
+    """llama.cpp itself (llama-cpp-python; not in CI) on the same GGUF vocabulary, random texts."""
+    llama_cpp = pytest.importorskip("llama_cpp")
+    vocab, tokenizer, path = sentencepiece_pair
+    lm = llama_cpp.Llama(str(path), vocab_only=True, verbose=False)
+    alphabet = list("abcdeéxyz.,1 🐍Q\n")
+    for _ in range(200):
+        text = "".join(alphabet[i] for i in torch.randint(0, len(alphabet), (int(torch.randint(0, 40, ())),)))
+        assert lm.tokenize(text.encode(), add_bos=False) == tokenizer.encode(text) == llama_cpp_spm(text, *vocab)
+
+
+def test_sentencepiece_adds_bos_unless_told_not_to(tmp_path):
+    """llama.cpp's default for SentencePiece vocabularies without tokenizer.ggml.add_bos_token (as its
+    converter writes Llama 2's): a BOS before the text."""
+    vocab = sentencepiece_vocab(fresh_seed())
+    unsaid = gguf_format.load_tokenizer(write_sentencepiece_gguf(tmp_path / "a.gguf", *vocab, add_bos=None))
+    told = gguf_format.load_tokenizer(write_sentencepiece_gguf(tmp_path / "b.gguf", *vocab, add_bos=False))
+    assert unsaid.encode("abc") == [1] + told.encode("abc") and told.encode("abc")[0] != 1
+
+
+def test_sentencepiece_scores_that_tie_are_refused(tmp_path):
+    """As llama.cpp's converter writes a vocabulary it read from tokenizer.json alone: every score -1000."""
+    tokens, scores, types = sentencepiece_vocab(fresh_seed())
+    path = write_sentencepiece_gguf(tmp_path / "tied.gguf", tokens, [-1000.0] * len(scores), types)
+    with pytest.raises(UserError, match="SentencePiece pieces share a score"):
+        gguf_format.load_tokenizer(path)
+
+
 # ---------------------------------------------------------------- llama.cpp
 
 LLAMA_CPP_CASES = {
@@ -387,8 +500,8 @@ def write_metadata(path: Path, arch: str = "llama", **values) -> Path:
 @pytest.mark.parametrize("arch, values, message", [
     ("gemma", {gguf.Keys.Tokenizer.MODEL: "gpt2", gguf.Keys.Tokenizer.PRE: "gpt-2", gguf.Keys.Tokenizer.LIST: ["a"]},
      "unsupported architecture 'gemma' (supported: llama, qwen2, qwen3)"),
-    ("llama", {gguf.Keys.Tokenizer.MODEL: "llama", gguf.Keys.Tokenizer.LIST: ["<s>", "a"]},
-     "SentencePiece vocabularies (tokenizer.ggml.model = 'llama') are not supported"),
+    ("llama", {gguf.Keys.Tokenizer.MODEL: "bert", gguf.Keys.Tokenizer.LIST: ["<s>", "a"]},
+     "unsupported tokenizer.ggml.model 'bert' (supported: byte-level BPE 'gpt2', SentencePiece 'llama')"),
     ("llama", {gguf.Keys.Tokenizer.MODEL: "gpt2", gguf.Keys.Tokenizer.PRE: "deepseek-llm"},
      "unsupported tokenizer.ggml.pre 'deepseek-llm' (supported: gpt-2, llama-bpe, qwen2, smollm)"),
     ("llama", {gguf.Keys.Tokenizer.MODEL: "gpt2", gguf.Keys.Tokenizer.PRE: "gpt-2", gguf.Keys.Tokenizer.LIST: ["a"]},

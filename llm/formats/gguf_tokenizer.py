@@ -11,8 +11,14 @@ exactly so (the regexes are llama.cpp's, in src/llama-vocab.cpp and src/unicode.
     qwen2       Qwen2's Split regex (digits one by one), after NFC
     smollm      digits one by one, then ByteLevel's regex (SmolLM)
 
-SentencePiece vocabularies (`llama` in GGUF; Metaspace and byte fallback in tokenizer.json)
-are refused by name, in both directions.
+SentencePiece vocabularies (`llama` in GGUF: Llama 2, Mistral 7B, TinyLlama) are read: llama.cpp
+tokenizes them by merging, again and again, the adjacent pair of pieces whose joint piece is in the
+vocabulary with the highest score (the leftmost of equals), from the text's characters, spaces
+written ▁ and one put before the text; what stays out of the vocabulary becomes its bytes' tokens
+(<0x41>). A `tokenizers` BPE whose merges are every such pair, ranked by that score, with byte
+fallback, does the same (`sentencepiece_bpe`), where no two such pieces share a score (a vocabulary
+written by llama.cpp's converter from a tokenizer.json alone scores every piece -1000: refused, by
+`check_scores_rank`). They are not written: exports take byte-level BPE only.
 """
 import json
 
@@ -128,16 +134,46 @@ def field_value(reader: gguf.GGUFReader, key: str, default=None):
     return default if field is None else field.contents()
 
 
+def sentencepiece_bpe(tokens: list[str], scores: list[float], types: list[int], space_prefix: bool) -> HFTokenizer:
+    """A SentencePiece vocabulary as llama.cpp tokenizes with it (see the module doc)."""
+    vocab = {token: i for i, token in enumerate(tokens)}
+    merges = []
+    for i in sorted(range(len(tokens)), key=lambda i: -scores[i]):  # sorted() is stable: equals by id
+        piece = tokens[i]
+        if types[i] != TYPE.NORMAL:
+            continue
+        merges += [(piece[:cut], piece[cut:]) for cut in range(1, len(piece))
+                   if piece[:cut] in vocab and piece[cut:] in vocab]
+    unknown = next((t for t, kind in zip(tokens, types) if kind == TYPE.UNKNOWN), None)
+    hf = HFTokenizer(models.BPE(vocab, merges, unk_token=unknown, byte_fallback=True, fuse_unk=True))
+    spaces = [normalizers.Replace(" ", "▁")]
+    hf.normalizer = normalizers.Sequence([normalizers.Prepend("▁")] * space_prefix + spaces)
+    hf.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse()]
+                                   + [decoders.Strip(" ", 1, 0)] * space_prefix)
+    return hf
+
+
+def check_scores_rank(tokens: list[str], scores: list[float], types: list[int], where: str):
+    """Pieces that merges make (normal, of two characters or more) must not share a score: llama.cpp
+    takes the leftmost of equals, which no ranking of merges can express. A vocabulary its converter
+    read from a tokenizer.json alone has -1000 for every piece."""
+    made = [scores[i] for i, t in enumerate(tokens) if types[i] == TYPE.NORMAL and len(t) > 1]
+    if len(set(made)) < len(made):
+        raise UserError(f"{where}: {len(made) - len(set(made)) + 1:,} SentencePiece pieces share a score "
+                        f"(e.g. {made[0]}; llama.cpp's converter writes -1000 for all when it reads tokenizer.json "
+                        "alone), so merges cannot be ranked as llama.cpp does: load the Hugging Face directory "
+                        "it was made from instead")
+
+
 def read_tokenizer(reader: gguf.GGUFReader, where: str) -> Tokenizer:
-    """The `tokenizers` byte-level BPE tokenizer a GGUF file's metadata describes."""
+    """The `tokenizers` tokenizer a GGUF file's metadata describes: byte-level BPE (`gpt2`) or
+    SentencePiece (`llama`)."""
     kind = field_value(reader, KEY.MODEL)
-    if kind == "llama":
-        raise UserError(f"{where}: SentencePiece vocabularies ({KEY.MODEL} = 'llama') are not supported, "
-                        "only byte-level BPE ('gpt2')")
-    if kind != "gpt2":
-        raise UserError(f"{where}: unsupported {KEY.MODEL} {kind!r} (only byte-level BPE, 'gpt2')")
+    if kind not in ("gpt2", "llama"):
+        raise UserError(f"{where}: unsupported {KEY.MODEL} {kind!r} (supported: byte-level BPE 'gpt2', "
+                        "SentencePiece 'llama')")
     pre = field_value(reader, KEY.PRE, "default")
-    if pre not in PRE_TOKENIZERS:
+    if kind == "gpt2" and pre not in PRE_TOKENIZERS:
         raise UserError(f"{where}: unsupported {KEY.PRE} {pre!r} (supported: {', '.join(PRE_TOKENIZERS)})")
     tokens = field_value(reader, KEY.LIST, [])
     types = field_value(reader, KEY.TOKEN_TYPE, [TYPE.NORMAL] * len(tokens))
@@ -146,15 +182,20 @@ def read_tokenizer(reader: gguf.GGUFReader, where: str) -> Tokenizer:
     vocab = {token: i for i, token in enumerate(tokens)}
     if len(vocab) != len(tokens):
         raise UserError(f"{where}: {KEY.LIST} holds the same token twice")
-    merges = [tuple(m.split(" ", 1)) for m in field_value(reader, KEY.MERGES, [])]
-    normalizer, pre_tokenizer = PRE_TOKENIZERS[pre]
-    hf = byte_level_bpe(normalizer(), pre_tokenizer(), vocab, merges, ignore_merges=pre == "llama-bpe")
+    if kind == "llama":
+        scores = field_value(reader, KEY.SCORES, [0.0] * len(tokens))
+        check_scores_rank(tokens, scores, types, where)
+        hf = sentencepiece_bpe(tokens, scores, types, field_value(reader, KEY.ADD_PREFIX, True))
+    else:
+        merges = [tuple(m.split(" ", 1)) for m in field_value(reader, KEY.MERGES, [])]
+        normalizer, pre_tokenizer = PRE_TOKENIZERS[pre]
+        hf = byte_level_bpe(normalizer(), pre_tokenizer(), vocab, merges, ignore_merges=pre == "llama-bpe")
     hf.add_special_tokens([AddedToken(t, special=True, normalized=False)
                            for t, kind in zip(tokens, types) if kind == TYPE.CONTROL])
     hf.add_tokens([AddedToken(t, special=False, normalized=False)
                    for t, kind in zip(tokens, types) if kind == TYPE.USER_DEFINED])
     bos, eos = field_value(reader, KEY.BOS_ID), field_value(reader, KEY.EOS_ID)
-    if field_value(reader, KEY.ADD_BOS, False) and bos is not None:
+    if field_value(reader, KEY.ADD_BOS, kind == "llama") and bos is not None:  # (llama.cpp: SentencePiece adds one by default)
         hf.post_processor = processors.TemplateProcessing(single=f"{tokens[bos]} $A", pair=f"{tokens[bos]} $A $B",
                                                           special_tokens=[(tokens[bos], bos)])
     return Tokenizer(hf, None if eos is None or eos >= len(tokens) else tokens[eos])

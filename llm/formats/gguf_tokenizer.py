@@ -11,7 +11,7 @@ exactly so (the regexes are llama.cpp's, in src/llama-vocab.cpp and src/unicode.
     qwen2       Qwen2's Split regex (digits one by one), after NFC
     smollm      digits one by one, then ByteLevel's regex (SmolLM)
 
-SentencePiece vocabularies (`llama` in GGUF: Llama 2, Mistral 7B, TinyLlama) are read: llama.cpp
+SentencePiece vocabularies (`llama` in GGUF, as Llama 2's, Mistral 7B's, TinyLlama's) are read: llama.cpp
 tokenizes them by merging, again and again, the adjacent pair of pieces whose joint piece is in the
 vocabulary with the highest score (the leftmost of equals), from the text's characters, spaces
 written ▁ and one put before the text; what stays out of the vocabulary becomes its bytes' tokens
@@ -195,7 +195,8 @@ def read_tokenizer(reader: gguf.GGUFReader, where: str) -> Tokenizer:
     hf.add_tokens([AddedToken(t, special=False, normalized=False)
                    for t, kind in zip(tokens, types) if kind == TYPE.USER_DEFINED])
     bos, eos = field_value(reader, KEY.BOS_ID), field_value(reader, KEY.EOS_ID)
-    if field_value(reader, KEY.ADD_BOS, kind == "llama") and bos is not None:  # (llama.cpp: SentencePiece adds one by default)
+    # a BOS before the text where the file says so (llama.cpp's default: SentencePiece yes, BPE no)
+    if field_value(reader, KEY.ADD_BOS, kind == "llama") and bos is not None:
         hf.post_processor = processors.TemplateProcessing(single=f"{tokens[bos]} $A", pair=f"{tokens[bos]} $A $B",
                                                           special_tokens=[(tokens[bos], bos)])
     return Tokenizer(hf, None if eos is None or eos >= len(tokens) else tokens[eos])

@@ -8,8 +8,8 @@ prefilled alone into its row (KVCache.reset_row) while the others keep their sta
 row computes a token it never uses; its position goes back to 0 after each step, so it never
 runs past the cache.
 
-An eager step (no --compile) reads only the first positions of the cache that the longest busy
-row needs, rounded up to a power-of-two fraction of the context (1/16 at least): with short
+An eager step (no --compile) reads only the first positions of the cache that the row furthest
+along needs, rounded up to a power-of-two fraction of the context (1/16 at least): with short
 requests most of a whole-context cache is masked slots, which attention would read for nothing.
 The other rows' positions then decide how many masked slots a row's attention skips, not what it
 attends to. A compiled step reads the whole cache, its shapes never changing.

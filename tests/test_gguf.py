@@ -254,7 +254,7 @@ def sentencepiece_vocab(seed: int) -> tuple[list[str], list[float], list[int]]:
     byte tokens, characters, then pieces joined from two others), its scores in a random order."""
     generator = torch.Generator().manual_seed(seed)
     tokens = ["<unk>", "<s>", "</s>"] + [f"<0x{b:02X}>" for b in range(256)]
-    types = [TYPE_UNKNOWN, TYPE_CONTROL, TYPE_CONTROL] + [gguf.TokenType.BYTE] * 256
+    types = [gguf.TokenType.UNKNOWN, gguf.TokenType.CONTROL, gguf.TokenType.CONTROL] + [gguf.TokenType.BYTE] * 256
     chars = list("▁abcdeéxyz.,1🐍")
     pieces = list(chars)
     while len(pieces) < 200:
@@ -265,9 +265,6 @@ def sentencepiece_vocab(seed: int) -> tuple[list[str], list[float], list[int]]:
     types += [gguf.TokenType.NORMAL] * len(pieces)
     scores = [0.0] * 259 + (-torch.randperm(len(pieces), generator=generator).float()).tolist()
     return tokens, scores, types
-
-
-TYPE_UNKNOWN, TYPE_CONTROL = gguf.TokenType.UNKNOWN, gguf.TokenType.CONTROL
 
 
 def llama_cpp_spm(text: str, tokens: list[str], scores: list[float], types: list[int]) -> list[int]:

@@ -137,11 +137,10 @@ def field_value(reader: gguf.GGUFReader, key: str, default=None):
 def sentencepiece_bpe(tokens: list[str], scores: list[float], types: list[int], space_prefix: bool) -> HFTokenizer:
     """A SentencePiece vocabulary as llama.cpp tokenizes with it (see the module doc)."""
     vocab = {token: i for i, token in enumerate(tokens)}
+    normal = [i for i, kind in enumerate(types) if kind == TYPE.NORMAL]
     merges = []
-    for i in sorted(range(len(tokens)), key=lambda i: -scores[i]):  # sorted() is stable: equals by id
+    for i in sorted(normal, key=lambda i: -scores[i]):  # sorted() is stable: equals by id
         piece = tokens[i]
-        if types[i] != TYPE.NORMAL:
-            continue
         merges += [(piece[:cut], piece[cut:]) for cut in range(1, len(piece))
                    if piece[:cut] in vocab and piece[cut:] in vocab]
     unknown = next((t for t, kind in zip(tokens, types) if kind == TYPE.UNKNOWN), None)

@@ -37,18 +37,19 @@ class KVCache:
         writes into this one (views, not copies): a new request is prefilled into its row while
         the other rows keep their state. What the row held before is masked, never read."""
         self.pos[b] = 0
-        view = object.__new__(KVCache)
-        view.k = [t[b : b + 1] for t in self.k]
-        view.v = [t[b : b + 1] for t in self.v]
-        view.max_len, view.pos, view.rows = self.max_len, self.pos[b : b + 1], self.rows[:1]
-        return view
+        return self.view([t[b : b + 1] for t in self.k], [t[b : b + 1] for t in self.v], self.max_len,
+                         self.pos[b : b + 1], self.rows[:1])
 
     def first(self, length: int) -> "KVCache":
         """The first `length` positions of every row, as a cache that reads and writes this one's
         buffers (views): for a step whose rows all stand before `length`, attention then reads only
         those positions (the ones after each row's are masked anyway)."""
-        view = object.__new__(KVCache)
-        view.k = [t[:, :, :length] for t in self.k]
-        view.v = [t[:, :, :length] for t in self.v]
-        view.max_len, view.pos, view.rows = length, self.pos, self.rows
-        return view
+        return self.view([t[:, :, :length] for t in self.k], [t[:, :, :length] for t in self.v], length,
+                         self.pos, self.rows)
+
+    @staticmethod
+    def view(k: list, v: list, max_len: int, pos: torch.Tensor, rows: torch.Tensor) -> "KVCache":
+        """A cache over given views of another's buffers (nothing allocated)."""
+        cache = object.__new__(KVCache)
+        cache.k, cache.v, cache.max_len, cache.pos, cache.rows = k, v, max_len, pos, rows
+        return cache

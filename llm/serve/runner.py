@@ -52,7 +52,9 @@ class ModelRunner:
         power-of-two fraction of it (down to 1/16) that holds every row's next position."""
         if self.windows is None:
             return self.cache
-        needed = int(self.cache.pos.max()) + 1  # (a row released since the last step still writes once)
+        # a host read, as the engine's of each step's tokens; a row released since the last step
+        # still writes once, so idle rows count too
+        needed = int(self.cache.pos.max()) + 1
         length = self.cache.max_len
         while length % 2 == 0 and length // 2 >= max(needed, self.cache.max_len // 16):
             length //= 2

@@ -35,7 +35,7 @@ import torch
 from llm.errors import ArgumentParser, UserError, exit_on_user_error
 from llm.files import sync_dir
 from llm.formats import gguf
-from llm.formats.gguf_tokenizer import pre_tokenizer_name
+from llm.formats.gguf_tokenizer import vocabulary
 from llm.formats.hf import HF_DTYPES, check_exportable, write_hf
 from llm.formats.load import chat_template, load
 from llm.formats.run_dir import holds_run
@@ -131,7 +131,7 @@ def export(ckpt, out, overwrite: bool = False, fmt: str = "hf", outtype: str = "
     model, tokenizer = load(ckpt, dtype=torch.float32)
     check_exportable(model.config)
     if fmt == "gguf":
-        pre_tokenizer_name(tokenizer)  # a tokenizer GGUF cannot hold is refused before anything is written
+        vocabulary(tokenizer, tokenizer.vocab_size)  # a tokenizer GGUF cannot hold is refused before anything is written
         if model.config.sliding_window is not None:
             print(f"note: llama.cpp ignores the sliding window of {model.config.sliding_window} tokens in this "
                   "architecture: beyond it, its outputs differ from ours", file=sys.stderr)

@@ -206,19 +206,24 @@ TOKENIZER_KINDS = {"gpt-2": ours_with_added_tokens, "llama-bpe": llama3_style, "
                    "smollm": smollm_style}
 
 
+def written_back(tokenizer: Tokenizer, path: Path, padding: int = 2) -> Path:
+    """A GGUF file holding the tokenizer's metadata only, for a model of `padding` more rows than it has tokens."""
+    writer = gguf.GGUFWriter(path, "llama")
+    add_tokenizer(writer, tokenizer, tokenizer.vocab_size + padding)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path
+
+
 @pytest.fixture(scope="module")
 def tokenizer_pairs(tmp_path_factory):
     """Each kind: (the original, the one rebuilt from a GGUF file holding its metadata)."""
     pairs = {}
     for name, make in TOKENIZER_KINDS.items():
         original = make()
-        path = tmp_path_factory.mktemp("tok") / f"{name}.gguf"
-        writer = gguf.GGUFWriter(path, "llama")
-        add_tokenizer(writer, original, original.vocab_size + 3)  # 3 padding rows, as models have
-        writer.write_header_to_file()
-        writer.write_kv_data_to_file()
-        writer.write_tensors_to_file()
-        writer.close()
+        path = written_back(original, tmp_path_factory.mktemp("tok") / f"{name}.gguf", padding=3)
         assert gguf_format.reader(path).get_field(gguf.Keys.Tokenizer.PRE).contents() == name
         pairs[name] = (original, gguf_format.load_tokenizer(path))
     return pairs
@@ -356,6 +361,73 @@ def test_sentencepiece_scores_that_tie_are_refused(tmp_path):
         gguf_format.load_tokenizer(path)
 
 
+def as_metaspace(tokenizer: Tokenizer) -> Tokenizer:
+    """The same vocabulary as transformers' conversions write Llama 2's: spaces by a Metaspace
+    pre-tokenizer (the ▁ before the first word only) instead of normalizers."""
+    spec = json.loads(tokenizer.hf.to_str())
+    spec["normalizer"] = None
+    spec["pre_tokenizer"] = {"type": "Metaspace", "replacement": "▁", "prepend_scheme": "first", "split": False}
+    return Tokenizer(HFTokenizer.from_str(json.dumps(spec)), tokenizer.hf.id_to_token(tokenizer.eot_id))
+
+
+@pytest.fixture(scope="module")
+def sentencepiece_written_back(sentencepiece_pair, tmp_path_factory):
+    """Each form of the vocabulary read from GGUF: (the tokenizer read back from our GGUF of it, the file)."""
+    _, tokenizer, _ = sentencepiece_pair
+    folder = tmp_path_factory.mktemp("spm_out")
+    return {form: (gguf_format.load_tokenizer(path), path) for form, path in
+            (("ours", written_back(tokenizer, folder / "ours.gguf")),
+             ("metaspace", written_back(as_metaspace(tokenizer), folder / "metaspace.gguf")))}
+
+
+@settings(max_examples=100, deadline=None)
+@given(text=st.text(alphabet=st.sampled_from(list("abcdeéxyz.,1 🐍Qé\n")), max_size=40) | st.text(max_size=20))
+def test_sentencepiece_vocabulary_goes_back_to_gguf(sentencepiece_pair, sentencepiece_written_back, text):
+    """A SentencePiece vocabulary read from GGUF, written to GGUF by us (in both forms of spaces),
+    tokenizes as llama.cpp's algorithm does with the original file's scores."""
+    vocab, tokenizer, _ = sentencepiece_pair
+    for form, (rebuilt, _) in sentencepiece_written_back.items():
+        assert rebuilt.encode(text) == tokenizer.encode(text), form
+        if not any(special in text for special in ("<s>", "</s>")):  # (text, for the plain algorithm)
+            assert rebuilt.encode(text) == llama_cpp_spm(text, *vocab), form
+        assert rebuilt.decode(rebuilt.encode(text)) == text.replace("▁", " "), form
+
+
+def test_sentencepiece_gguf_we_write_holds_the_vocabulary(sentencepiece_pair, sentencepiece_written_back):
+    (tokens, _, types), _, _ = sentencepiece_pair
+    for form, (_, path) in sentencepiece_written_back.items():
+        reader = gguf_format.reader(path)
+
+        def field(key, reader=reader):
+            return reader.get_field(key).contents()
+        assert field(gguf.Keys.Tokenizer.MODEL) == "llama" and field(gguf.Keys.Tokenizer.ADD_PREFIX) is True
+        assert field(gguf.Keys.Tokenizer.LIST) == tokens + ["[PAD459]", "[PAD460]"], form
+        assert field(gguf.Keys.Tokenizer.TOKEN_TYPE) == types + [gguf.TokenType.UNUSED] * 2, form
+        assert field(gguf.Keys.Tokenizer.UNK_ID) == 0 and field(gguf.Keys.Tokenizer.EOS_ID) == 2
+
+
+def test_llama_cpp_tokenizes_the_sentencepiece_gguf_we_write(sentencepiece_pair, sentencepiece_written_back):
+    """llama.cpp itself (llama-cpp-python; not in CI) on the vocabulary we wrote, random texts."""
+    llama_cpp = pytest.importorskip("llama_cpp")
+    vocab = sentencepiece_pair[0]
+    alphabet = list("abcdeéxyz.,1 🐍Q\n")
+    for rebuilt, path in sentencepiece_written_back.values():
+        lm = llama_cpp.Llama(str(path), vocab_only=True, verbose=False)
+        for _ in range(100):
+            text = "".join(alphabet[i] for i in torch.randint(0, len(alphabet), (int(torch.randint(0, 40, ())),)))
+            assert lm.tokenize(text.encode(), add_bos=False) == rebuilt.encode(text) == llama_cpp_spm(text, *vocab)
+
+
+def test_byte_fallback_bpe_that_llama_cpp_would_merge_otherwise_is_refused(tmp_path):
+    """A trained BPE with byte fallback merges pairs by its training's counts; llama.cpp would merge every
+    split of its pieces by their scores, which no scores make agree: refused, nothing written."""
+    vocab = {"<unk>": 0, "a": 1, "b": 2, "ab": 3, "ba": 4, "▁": 5}
+    hf = HFTokenizer(models.BPE(vocab, [("a", "b")], unk_token="<unk>", byte_fallback=True))
+    hf.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
+    with pytest.raises(UserError, match=r"does not merge as a SentencePiece vocabulary.*merge 1 differs"):
+        written_back(Tokenizer(hf, None), tmp_path / "no.gguf")
+
+
 # ---------------------------------------------------------------- llama.cpp
 
 LLAMA_CPP_CASES = {
@@ -465,7 +537,7 @@ def test_export_refuses_what_gguf_cannot_hold(tokenizer, tmp_path, capsys):
     sentencepiece_style = HFTokenizer(models.BPE({"<s>": 0, "</s>": 1, "a": 2}, [], byte_fallback=True))
     sentencepiece_style.decoder = decoders.ByteFallback()
     cases = [
-        (our_model(tokenizer), Tokenizer(sentencepiece_style, "</s>"), "only byte-level BPE tokenizers are written"),
+        (our_model(tokenizer), Tokenizer(sentencepiece_style, "</s>"), "needs spaces written as ▁"),
         (our_model(tokenizer, ffn="gelu"), tokenizer, "cannot export: ffn='gelu' (Llama needs swiglu)"),
         (our_model(tokenizer, qk_norm=True, qkv_bias=True), tokenizer, "qk_norm with biases"),
     ]

@@ -18,9 +18,13 @@ written ▁ and one put before the text; what stays out of the vocabulary become
 (<0x41>). A `tokenizers` BPE whose merges are every such pair, ranked by that score, with byte
 fallback, does the same (`sentencepiece_bpe`), where no two such pieces share a score (a vocabulary
 written by llama.cpp's converter from a tokenizer.json alone scores every piece -1000: refused, by
-`check_scores_rank`). They are not written: exports take byte-level BPE only.
+`check_scores_rank`). Written back the other way (`sentencepiece_scores`): a BPE with byte fallback
+that writes spaces as ▁ gets, per piece, minus the rank of the first merge that makes it, when its
+merges are exactly the ones those scores make (as they are when it came from a GGUF file).
 """
 import json
+import re
+from dataclasses import dataclass
 
 import gguf
 from tokenizers import AddedToken, Regex, decoders, models, normalizers, pre_tokenizers, processors
@@ -33,6 +37,7 @@ KEY = gguf.Keys.Tokenizer
 TYPE = gguf.TokenType
 LLAMA3_REGEX = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
                 r"|\s*[\r\n]+|\s+(?!\S)|\s+")
+BYTE_TOKEN = re.compile(r"<0x[0-9A-F]{2}>")  # SentencePiece's byte-fallback tokens
 QWEN2_REGEX = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
                r"|\s*[\r\n]+|\s+(?!\S)|\s+")
 
@@ -74,9 +79,8 @@ def pre_tokenizer_name(tokenizer: Tokenizer) -> str:
     """llama.cpp's name for how this tokenizer splits text, or a UserError saying why it has none."""
     spec = json.loads(tokenizer.hf.to_str())
     model = spec.get("model") or {}
-    if model.get("type") != "BPE" or model.get("byte_fallback") or model.get("continuing_subword_prefix"):
-        kind = "SentencePiece-style BPE with byte fallback" if model.get("byte_fallback") else model.get("type")
-        raise UserError(f"cannot export to GGUF: only byte-level BPE tokenizers are written (this one is {kind})")
+    if model.get("type") != "BPE" or model.get("continuing_subword_prefix"):
+        raise UserError(f"cannot export to GGUF: only BPE tokenizers are written (this one is {model.get('type')})")
     if (spec.get("decoder") or {}).get("type") != "ByteLevel":
         raise UserError(f"cannot export to GGUF: the tokenizer's decoder is {json.dumps(spec.get('decoder'))}, "
                         "not byte-level")
@@ -96,15 +100,14 @@ def added_bos(tokenizer: Tokenizer) -> int | None:
     return with_special[0] if len(with_special) > len(plain) and with_special[0] != plain[0] else None
 
 
-def merges_of(tokenizer: Tokenizer) -> list[str]:
-    merges = json.loads(tokenizer.hf.to_str())["model"]["merges"]
-    return [" ".join(m) if isinstance(m, list) else m for m in merges]
+def merge_pairs(spec: dict) -> list[tuple[str, str]]:
+    """A tokenizer.json's merges as pairs (written "a b" by older versions of `tokenizers`)."""
+    return [tuple(m) if isinstance(m, list) else tuple(m.split(" ", 1)) for m in spec["model"]["merges"]]
 
 
-def add_tokenizer(writer: gguf.GGUFWriter, tokenizer: Tokenizer, n_vocab: int):
-    """The tokenizer as GGUF metadata, with n_vocab tokens (the model's rows; ids the tokenizer
-    lacks are written as unused padding, as llama.cpp's converter does)."""
-    pre = pre_tokenizer_name(tokenizer)
+def token_table(tokenizer: Tokenizer, n_vocab: int, kind_of) -> tuple[list[str], list[int]]:
+    """Tokens by id and their GGUF types, n_vocab of them (ids the tokenizer lacks are written as
+    unused padding, as llama.cpp's converter does). kind_of: a vocabulary token -> its type."""
     by_id = {i: t for t, i in tokenizer.hf.get_vocab(with_added_tokens=True).items()}
     added = tokenizer.hf.get_added_tokens_decoder()
     tokens, types = [], []
@@ -114,12 +117,93 @@ def add_tokenizer(writer: gguf.GGUFWriter, tokenizer: Tokenizer, n_vocab: int):
             types.append(TYPE.CONTROL if added[i].special else TYPE.USER_DEFINED)
         else:
             tokens.append(by_id.get(i, f"[PAD{i}]"))
-            types.append(TYPE.NORMAL if i in by_id else TYPE.UNUSED)
-    writer.add_tokenizer_model("gpt2")
-    writer.add_tokenizer_pre(pre)
-    writer.add_token_list(tokens)
-    writer.add_token_types(types)
-    writer.add_token_merges(merges_of(tokenizer))
+            types.append(kind_of(by_id[i]) if i in by_id else TYPE.UNUSED)
+    return tokens, types
+
+
+def sentencepiece_spaces(spec: dict) -> bool:
+    """Whether a byte-fallback BPE puts a ▁ before the text (add_space_prefix), or a UserError when
+    it does not write spaces as SentencePiece does: ▁ for each, no other change to the text. Both
+    forms are known: ours (normalizers) and transformers' conversions (a Metaspace pre-tokenizer)."""
+    found = splitting([spec.get("normalizer"), spec.get("pre_tokenizer")])
+    for prefix in (True, False):
+        ours = normalizers.Sequence([normalizers.Prepend("▁")] * prefix + [normalizers.Replace(" ", "▁")])
+        forms = [(ours, None)] + [(None, pre_tokenizers.Metaspace("▁", scheme, split=False))
+                                  for scheme in (["first", "always"] if prefix else ["never"])]
+        for normalizer, pre in forms:
+            hf = HFTokenizer(models.BPE())
+            hf.normalizer, hf.pre_tokenizer = normalizer, pre
+            known = json.loads(hf.to_str())
+            if splitting([known["normalizer"], known["pre_tokenizer"]]) == found:
+                return prefix
+    raise UserError("cannot export to GGUF: a BPE with byte fallback is written as a SentencePiece vocabulary, "
+                    f"which needs spaces written as ▁ and nothing else; this one has normalizer "
+                    f"{json.dumps(spec.get('normalizer'))} and pre-tokenizer {json.dumps(spec.get('pre_tokenizer'))}")
+
+
+def sentencepiece_scores(tokens: list[str], types: list[int], pairs: list[tuple[str, str]], space_prefix: bool,
+                         ) -> list[float]:
+    """Scores under which llama.cpp merges as these merges do: each piece minus the rank of the first
+    merge that makes it (pieces no merge makes below all, apart); a UserError unless the merges are
+    exactly what llama.cpp's rule makes of those scores (every split of each piece, ranked by it)."""
+    first = {}
+    for rank, (a, b) in enumerate(pairs):
+        first.setdefault(a + b, rank)
+    scores = [0.0 if kind != TYPE.NORMAL else -1.0 - first[t] if t in first else -1.0 - len(pairs) - i
+              for i, (t, kind) in enumerate(zip(tokens, types))]
+    rebuilt = merge_pairs(json.loads(sentencepiece_bpe(tokens, scores, types, space_prefix).to_str()))
+    if rebuilt != pairs:
+        at = next((i for i, (a, b) in enumerate(zip(rebuilt, pairs)) if a != b), min(len(rebuilt), len(pairs)))
+        raise UserError("cannot export to GGUF: this BPE with byte fallback does not merge as a SentencePiece "
+                        f"vocabulary (llama.cpp merges every split of a piece, ranked by the piece's score): "
+                        f"merge {at:,} differs ({' '.join(pairs[at]) if at < len(pairs) else 'none'} here)")
+    return scores
+
+
+@dataclass
+class Vocabulary:
+    """What GGUF holds of a tokenizer: `gpt2` (byte-level BPE: merges, pre-tokenizer name) or `llama`
+    (SentencePiece: scores, whether a ▁ goes before the text, the unknown token)."""
+    model: str
+    tokens: list[str]
+    types: list[int]
+    merges: list[str] | None = None
+    pre: str | None = None
+    scores: list[float] | None = None
+    space_prefix: bool | None = None
+    unknown: int | None = None
+
+
+def vocabulary(tokenizer: Tokenizer, n_vocab: int) -> Vocabulary:
+    """The tokenizer as GGUF holds it, with n_vocab tokens, or a UserError saying why it cannot:
+    byte-level BPE as `gpt2`, a BPE with byte fallback (SentencePiece's kind) as `llama`."""
+    spec = json.loads(tokenizer.hf.to_str())
+    if not (spec.get("model") or {}).get("byte_fallback"):
+        pre = pre_tokenizer_name(tokenizer)
+        tokens, types = token_table(tokenizer, n_vocab, lambda t: TYPE.NORMAL)
+        return Vocabulary("gpt2", tokens, types, merges=[" ".join(pair) for pair in merge_pairs(spec)], pre=pre)
+    space_prefix = sentencepiece_spaces(spec)
+    unknown = spec["model"].get("unk_token")
+    tokens, types = token_table(tokenizer, n_vocab, lambda t: TYPE.UNKNOWN if t == unknown else
+                                TYPE.BYTE if BYTE_TOKEN.fullmatch(t) else TYPE.NORMAL)
+    return Vocabulary("llama", tokens, types, scores=sentencepiece_scores(tokens, types, merge_pairs(spec), space_prefix),
+                      space_prefix=space_prefix, unknown=None if unknown is None else tokens.index(unknown))
+
+
+def add_tokenizer(writer: gguf.GGUFWriter, tokenizer: Tokenizer, n_vocab: int):
+    """The tokenizer as GGUF metadata, with n_vocab tokens (see `vocabulary`)."""
+    v = vocabulary(tokenizer, n_vocab)
+    writer.add_tokenizer_model(v.model)
+    writer.add_token_list(v.tokens)
+    writer.add_token_types(v.types)
+    if v.model == "gpt2":
+        writer.add_tokenizer_pre(v.pre)
+        writer.add_token_merges(v.merges)
+    else:
+        writer.add_token_scores(v.scores)
+        writer.add_add_space_prefix(v.space_prefix)
+        if v.unknown is not None:
+            writer.add_unk_token_id(v.unknown)
     bos = added_bos(tokenizer)
     writer.add_add_bos_token(bos is not None)
     writer.add_add_eos_token(False)

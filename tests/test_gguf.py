@@ -536,8 +536,10 @@ def test_export_overwrites_a_gguf_file_only_when_asked_and_verified(tokenizer, t
 def test_export_refuses_what_gguf_cannot_hold(tokenizer, tmp_path, capsys):
     sentencepiece_style = HFTokenizer(models.BPE({"<s>": 0, "</s>": 1, "a": 2}, [], byte_fallback=True))
     sentencepiece_style.decoder = decoders.ByteFallback()
+    unigram = HFTokenizer(models.Unigram([("<s>", 0.0), ("</s>", 0.0)] + [(c, -1.0) for c in "abc▁"], byte_fallback=True))
     cases = [
         (our_model(tokenizer), Tokenizer(sentencepiece_style, "</s>"), "needs spaces written as ▁"),
+        (our_model(tokenizer), Tokenizer(unigram, "</s>"), "only BPE tokenizers are written (this one is Unigram)"),
         (our_model(tokenizer, ffn="gelu"), tokenizer, "cannot export: ffn='gelu' (Llama needs swiglu)"),
         (our_model(tokenizer, qk_norm=True, qkv_bias=True), tokenizer, "qk_norm with biases"),
     ]

@@ -178,16 +178,19 @@ def vocabulary(tokenizer: Tokenizer, n_vocab: int) -> Vocabulary:
     """The tokenizer as GGUF holds it, with n_vocab tokens, or a UserError saying why it cannot:
     byte-level BPE as `gpt2`, a BPE with byte fallback (SentencePiece's kind) as `llama`."""
     spec = json.loads(tokenizer.hf.to_str())
-    if not (spec.get("model") or {}).get("byte_fallback"):
+    model = spec.get("model") or {}
+    if model.get("type") != "BPE":
+        raise UserError(f"cannot export to GGUF: only BPE tokenizers are written (this one is {model.get('type')})")
+    if not model.get("byte_fallback"):
         pre = pre_tokenizer_name(tokenizer)
         tokens, types = token_table(tokenizer, n_vocab, lambda t: TYPE.NORMAL)
         return Vocabulary("gpt2", tokens, types, merges=[" ".join(pair) for pair in merge_pairs(spec)], pre=pre)
     space_prefix = sentencepiece_spaces(spec)
-    unknown = spec["model"].get("unk_token")
+    unknown = model.get("unk_token")
     tokens, types = token_table(tokenizer, n_vocab, lambda t: TYPE.UNKNOWN if t == unknown else
                                 TYPE.BYTE if BYTE_TOKEN.fullmatch(t) else TYPE.NORMAL)
     return Vocabulary("llama", tokens, types, scores=sentencepiece_scores(tokens, types, merge_pairs(spec), space_prefix),
-                      space_prefix=space_prefix, unknown=None if unknown is None else tokens.index(unknown))
+                      space_prefix=space_prefix, unknown=tokens.index(unknown) if unknown in tokens else None)
 
 
 def add_tokenizer(writer: gguf.GGUFWriter, tokenizer: Tokenizer, n_vocab: int):

@@ -206,15 +206,20 @@ TOKENIZER_KINDS = {"gpt-2": ours_with_added_tokens, "llama-bpe": llama3_style, "
                    "smollm": smollm_style}
 
 
-def written_back(tokenizer: Tokenizer, path: Path, padding: int = 2) -> Path:
-    """A GGUF file holding the tokenizer's metadata only, for a model of `padding` more rows than it has tokens."""
-    writer = gguf.GGUFWriter(path, "llama")
-    add_tokenizer(writer, tokenizer, tokenizer.vocab_size + padding)
+def closed(writer: gguf.GGUFWriter, path: Path) -> Path:
+    """The file a GGUFWriter has been given, written out."""
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
     writer.close()
     return path
+
+
+def written_back(tokenizer: Tokenizer, path: Path, padding: int = 2) -> Path:
+    """A GGUF file holding the tokenizer's metadata only, for a model of `padding` more rows than it has tokens."""
+    writer = gguf.GGUFWriter(path, "llama")
+    add_tokenizer(writer, tokenizer, tokenizer.vocab_size + padding)
+    return closed(writer, path)
 
 
 @pytest.fixture(scope="module")
@@ -305,11 +310,7 @@ def write_sentencepiece_gguf(path: Path, tokens, scores, types, add_bos: bool | 
     writer.add_eos_token_id(2)
     if add_bos is not None:
         writer.add_add_bos_token(add_bos)
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
-    return path
+    return closed(writer, path)
 
 
 @pytest.fixture(scope="module")
@@ -561,11 +562,7 @@ def write_metadata(path: Path, arch: str = "llama", **values) -> Path:
         else:
             writer.add_array(key, value)
     writer.add_tensor("token_embd.weight", torch.zeros(4, 8).numpy())
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
-    return path
+    return closed(writer, path)
 
 
 @pytest.mark.parametrize("arch, values, message", [

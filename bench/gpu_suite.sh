@@ -70,7 +70,7 @@ pack() {  # the device tool brings back only a few files from $OUT: one archive,
 # step ID NAME TIMEOUT COMMAND...: run COMMAND under min(TIMEOUT, time left), log to $R/ID-NAME.log.
 step() {
     local id="$1" name="$2" limit="$3"; shift 3
-    case ",$ONLY," in ",,"|*",${id%%[a-z]*},"*) ;; *) return 0 ;; esac
+    case ",$ONLY," in ",,"|*",${id%%[a-z]*},"*|*",$id,"*) ;; *) return 0 ;; esac
     [ "$DRY" = 1 ] && [ "$limit" -lt 60 ] && limit=60  # the CPU is slower at anything
     local left=$((BUDGET - (SECONDS - START)))
     local log="$R/$id-$name.log" status rc t0=$SECONDS
@@ -103,6 +103,7 @@ if [ "$DRY" = 1 ]; then  # toy sizes: every command line of the real run, on the
     LENGTHS=32 LONG=64 DECODE_LENGTHS=32 MODES=fwd CAUSAL=true VARIANT_MODES=fwd
     VARIANT_LENGTHS=32
     FLASH=sdpa MODELS="tiny" ATTENTIONS="sdpa" STEPS=4 COMPILES="false"
+    COMPILED_FIRST="" COMPILED_LAST=""
     TRAIN_ARGS=(--device cpu) DECODE_BATCH=1
     DECODE_ARGS=(--config tiny --device cpu --dtype float32 --new_tokens 4)
     DECODE_COMPILE=""
@@ -113,10 +114,10 @@ else
     DECODE_SHAPE=(--batch 8 --heads 32 --kv_heads 8 --head_dim 128 --dtype bf16)
     LENGTHS=1024,2048,4096,8192,16384 LONG=32768 DECODE_LENGTHS=4096,16384
     MODES=fwd,bwd,fwdbwd CAUSAL=both VARIANT_MODES=fwd,bwd VARIANT_LENGTHS=4096,16384
-    FLASH=sdpa_flash MODELS="gpt2-small llama-small" ATTENTIONS="sdpa triton" STEPS=30
-    COMPILES="false true"
-    TRAIN_ARGS=(--dtype bfloat16) DECODE_BATCH=1,8
-    DECODE_ARGS=(--config llama-small --dtype bfloat16 --new_tokens 128)
+    FLASH=sdpa_flash MODELS="llama-small gpt2-small" ATTENTIONS="sdpa triton" STEPS=20
+    COMPILES="false true" COMPILED_FIRST="llama-small" COMPILED_LAST="gpt2-small"
+    TRAIN_ARGS=(--dtype bfloat16 --grad_accum 2) DECODE_BATCH=1,8
+    DECODE_ARGS=(--config llama-small --dtype bfloat16 --new_tokens 128 --quantize none)
     DECODE_COMPILE="--compile"
 fi
 # Tiles pinned for the variant timings, so that each variant differs from the base in one thing.
@@ -129,49 +130,55 @@ VARIANTS="$VARIANTS,triton:$BASE+dkdv=64x64x8x2"
 PIN="tile=64x64x8x3" TEST_PIN="tile=32x32x4x2"
 [ "$DRY" = 1 ] && PIN="tile=16x32x4x1" TEST_PIN="tile=16x32x4x1"
 
-step 0 versions 30 "$PY" bench/gpu/versions.py "$R/versions.txt"
-step 1a check_kernel 95 "$PY" bench/gpu/check_kernel.py ${CHECK[@]+"${CHECK[@]}"} \
-    --options "$PIN" --json "$R/check_kernel.json"
-step 1b check_kernel_variants 30 "$PY" bench/gpu/check_kernel.py "${VARIANT_CHECK[@]}" \
-    --options "heavy_first,$PIN" --json "$R/check_kernel_variants.json"
-step 2 pytest 90 env FLASH_ATTENTION_OPTIONS="$TEST_PIN" "$PY" -m pytest -q -x \
-    -p no:cacheprovider --durations=10 --junitxml "$R/pytest.xml" ${TESTS[@]+"${TESTS[@]}"}
-step 3a bench 90 "$PY" -m llm.bench attention "${SHAPE[@]}" --lengths "$LENGTHS" \
-    --modes "$MODES" --causal "$CAUSAL" --impls "$FLASH,triton" --out "$R" --name attention_bench
-step 3b bench_long 20 "$PY" -m llm.bench attention "${SHAPE[@]}" --lengths "$LONG" --modes fwd \
-    --causal true --impls naive,triton --out "$R" --name attention_long
-step 3c bench_variants 35 "$PY" -m llm.bench attention "${SHAPE[@]}" \
-    --lengths "$VARIANT_LENGTHS" --causal true --modes "$VARIANT_MODES" --impls "$VARIANTS" \
-    --out "$R" --name attention_variants
-step 3d bench_decode 20 "$PY" -m llm.bench attention "${DECODE_SHAPE[@]}" --q_len 1 \
-    --lengths "$DECODE_LENGTHS" --modes fwd --impls sdpa,triton \
-    --out "$R" --name attention_decode
-# Steps 4 and 5 call python -m llm.bench (see bench/gpu/README.md for the contract). Eager runs
-# first, then the compiled ones (each pays a compile of its own), so that if the budget runs out
-# it is the costliest figures that are missing.
-train() {  # train ID MODEL ATTENTION COMPILE TIMEOUT
+# Steps run in the order of what the issue needs most, so that a budget or a call that runs out
+# leaves the least important figures missing: correctness, the kernel against SDPA, decode, eager
+# training; then the compiled training runs (each pays a compile), variants, and the test suite.
+train() {  # train ID MODEL ATTENTION COMPILE TIMEOUT (python -m llm.bench train: bench/gpu/README.md)
     step "$1" "train-$2-$3-compile-$4" "$5" "$PY" -m llm.bench train --config "$2" \
         --steps "$STEPS" --peer none --attention "$3" --compile "$4" "${TRAIN_ARGS[@]}" \
         --json "$R/train-$2-$3-compile-$4.json"
 }
-IDS=abcdefgh i=0
-for compile in $COMPILES; do
-    for model in $MODELS; do
+i=0 IDS=abcdefgh
+trains() {  # trains COMPILE MODEL...: a training run per model and attention backend
+    local compile="$1" model attention
+    shift
+    case " $COMPILES " in *" $compile "*) ;; *) return 0 ;; esac
+    for model in "$@"; do
         for attention in $ATTENTIONS; do
             i=$((i + 1))
             train "4${IDS:i-1:1}" "$model" "$attention" "$compile" \
-                $([ "$compile" = true ] && echo 50 || echo 20)
+                $([ "$compile" = true ] && echo 180 || echo 45)  # compiling took > 90 s on an H200
         done
     done
-    if [ "$compile" = false ]; then
-        step 5a decode 25 "$PY" -m llm.bench decode "${DECODE_ARGS[@]}" --batch "$DECODE_BATCH" \
-            --no_hf --json "$R/decode.json"
-    fi
-done
-if [ -n "$DECODE_COMPILE" ]; then
-    step 5b decode_compiled 45 "$PY" -m llm.bench decode "${DECODE_ARGS[@]}" --batch "$DECODE_BATCH" \
-        --no_hf "$DECODE_COMPILE" --json "$R/decode-compiled.json"
-fi
+}
+step 0 versions 30 "$PY" bench/gpu/versions.py "$R/versions.txt"
+step 1a check_kernel 150 "$PY" bench/gpu/check_kernel.py ${CHECK[@]+"${CHECK[@]}"} \
+    --options "$PIN" --json "$R/check_kernel.json"
+step 3a bench 150 "$PY" -m llm.bench attention "${SHAPE[@]}" --lengths "$LENGTHS" \
+    --modes "$MODES" --causal "$CAUSAL" --impls "$FLASH,triton" --out "$R" --name attention_bench
+step 3b bench_long 30 "$PY" -m llm.bench attention "${SHAPE[@]}" --lengths "$LONG" --modes fwd \
+    --causal true --impls naive,triton --out "$R" --name attention_long
+# Eager and, with --compile, compiled (a CUDA graph of the compiled step) in one run.
+step 5a decode 180 "$PY" -m llm.bench decode "${DECODE_ARGS[@]}" --batch "$DECODE_BATCH" --no_hf \
+    ${DECODE_COMPILE:+"$DECODE_COMPILE"} --json "$R/decode.json"
+trains false $MODELS
+trains true $COMPILED_FIRST
+step 3c bench_variants 45 "$PY" -m llm.bench attention "${SHAPE[@]}" \
+    --lengths "$VARIANT_LENGTHS" --causal true --modes "$VARIANT_MODES" --impls "$VARIANTS" \
+    --out "$R" --name attention_variants
+step 3d bench_decode 30 "$PY" -m llm.bench attention "${DECODE_SHAPE[@]}" --q_len 1 \
+    --lengths "$DECODE_LENGTHS" --modes fwd --impls sdpa,triton \
+    --out "$R" --name attention_decode
+step 1b check_kernel_variants 45 "$PY" bench/gpu/check_kernel.py "${VARIANT_CHECK[@]}" \
+    --options "heavy_first,$PIN" --json "$R/check_kernel_variants.json"
+trains true $COMPILED_LAST
+# The test suite with CUDA: the kernel's tests compile for the GPU, the tests of the triton backend
+# run their models there (tests/helpers.KERNEL_DEVICE); in parallel where pytest-xdist is installed.
+XDIST=()
+"$PY" -c "import xdist" 2>/dev/null && [ "$DRY" = 0 ] && XDIST=(-n 8)
+step 2 pytest 300 env FLASH_ATTENTION_OPTIONS="$TEST_PIN" "$PY" -m pytest -q \
+    -p no:cacheprovider --durations=10 --junitxml "$R/pytest.xml" ${XDIST[@]+"${XDIST[@]}"} \
+    ${TESTS[@]+"${TESTS[@]}"}
 
 "$PY" bench/gpu/summarize.py "$R" | tee "$R/figures.txt"
 echo

@@ -36,11 +36,18 @@ def grid_id(options: dict) -> str:
                     for k, v in options.items() if v is not None)
 
 
-def tiny_model(seed=0, dtype=torch.float64, attention="sdpa", dropout=0.0, **overrides) -> Transformer:
+# Where our Triton kernel runs: compiled on a GPU, else on the CPU in Triton's interpreter (conftest.py
+# chooses, once per process; the interpreter cannot run beside compiled kernels).
+KERNEL_DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def tiny_model(seed=0, dtype=torch.float64, attention="sdpa", dropout=0.0, device=None, **overrides) -> Transformer:
+    """A small model; one with attention="triton" is on KERNEL_DEVICE unless a device is given."""
     settings = dict(vocab_size=97, block_size=48, n_layer=2, n_head=4, n_kv_head=2, d_model=32)
     settings.update(overrides)
     torch.manual_seed(seed)
-    return Transformer(ModelConfig(**settings), attention, dropout).to(dtype).eval()
+    device = device or (KERNEL_DEVICE if attention == "triton" else "cpu")
+    return Transformer(ModelConfig(**settings), attention, dropout).to(device, dtype).eval()
 
 
 

@@ -20,8 +20,10 @@ GRID = list(option_grid())
 
 def static_logits(model, prompts: list[list[int]], new: torch.Tensor) -> torch.Tensor:
     """Prefill, then the one-token step fed the tokens `new` (B, n): logits (B, n + 1, vocab)."""
-    ids, kv_start = left_pad(prompts, 0, "cpu")
-    cache = KVCache(model.config, len(prompts), ids.size(1) + new.size(1), "cpu", next(model.parameters()).dtype)
+    device = next(model.parameters()).device
+    ids, kv_start = left_pad(prompts, 0, device)
+    new = new.to(device)
+    cache = KVCache(model.config, len(prompts), ids.size(1) + new.size(1), device, next(model.parameters()).dtype)
     with torch.no_grad():
         steps = [model(ids, kv_start=kv_start, cache=cache, last_only=True)[:, -1]]
         for t in range(new.size(1)):
@@ -35,7 +37,7 @@ def static_logits(model, prompts: list[list[int]], new: torch.Tensor) -> torch.T
 def alone_logits(model, prompt: list[int], new: list[int]) -> torch.Tensor:
     """The reference: the row by itself, the whole sequence at once, no cache, no padding."""
     with torch.no_grad():
-        return model(torch.tensor([prompt + new]))[0, len(prompt) - 1:]
+        return model(torch.tensor([prompt + new], device=next(model.parameters()).device))[0, len(prompt) - 1:]
 
 
 def random_prompts(lengths) -> list[list[int]]:
@@ -57,7 +59,7 @@ def test_static_step_equals_recomputation(backend, options, seed):
 
 
 def test_static_step_through_the_triton_kernel(seed):
-    """The same steps through our kernel (interpreted on CPU), padding included, against SDPA."""
+    """The same steps through our kernel (interpreted on CPU, compiled on a GPU), padding included, against SDPA."""
     pytest.importorskip("triton")
     model = tiny_model(seed, attention="triton", dtype=torch.float32, n_layer=1, d_model=64, n_head=4, n_kv_head=2)
     prompts, new = random_prompts([2, 7]), torch.randint(0, 97, (2, 4))
@@ -75,12 +77,14 @@ def test_rows_at_their_own_positions_equal_each_alone(backend, seed):
     options = dict(n_layer=1, d_model=64, n_head=4, n_kv_head=2) if backend == "triton" else {}
     model = tiny_model(seed, attention=backend, dtype=torch.float32 if backend == "triton" else torch.float64,
                        sliding_window=int(torch.randint(3, 9, ())), **options)
-    cache = KVCache(model.config, 3, 40, "cpu", next(model.parameters()).dtype)
-    prompts, new = random_prompts([9, 2, 5]), torch.randint(0, 97, (3, 6))
+    device = next(model.parameters()).device
+    cache = KVCache(model.config, 3, 40, device, next(model.parameters()).dtype)
+    prompts, new = random_prompts([9, 2, 5]), torch.randint(0, 97, (3, 6)).to(device)
     logits = [[] for _ in prompts]
     with torch.no_grad():
         for row in (1, 0):  # row 1 first, then row 0 joins after two steps; row 2 stays idle
-            logits[row].append(model(torch.tensor([prompts[row]]), cache=cache.reset_row(row), last_only=True)[0, -1])
+            logits[row].append(model(torch.tensor([prompts[row]], device=device), cache=cache.reset_row(row),
+                                     last_only=True)[0, -1])
             if row == 1:
                 for t in range(2):
                     logits[1].append(decode_one(model, new[:, t:t + 1], None, cache)[1])

@@ -235,7 +235,7 @@ def test_options_parse(monkeypatch):
             fa.Options.parse(text)
     monkeypatch.setenv("FLASH_ATTENTION_OPTIONS", "bogus")
     with pytest.raises(ValueError, match="FLASH_ATTENTION_OPTIONS: unknown flash_attention"):
-        flash_attention(*_inputs())
+        flash_attention(*(t.to(DEVICE) for t in _inputs()))
 
 
 def test_noncontiguous_views(seed):
@@ -275,12 +275,16 @@ def test_other_block_shapes(seed, block_m, block_n):
 
 
 @triton.jit
-def _block_ranges(PARAMS, OUT, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                  CAUSAL: tl.constexpr, WINDOWED: tl.constexpr):
+def _block_ranges(PARAMS, WINDOWS, OUT, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                  CAUSAL: tl.constexpr):
     """For the problem PARAMS[i] = (q_lo, q_hi, kv_lo, kv_hi, diag, window, Nq, start_n), the
-    key blocks of query rows q_lo..q_hi and the query blocks of key block start_n."""
+    key blocks of query rows q_lo..q_hi and the query blocks of key block start_n. WINDOWS: the
+    windows again, or None for none, which reaches the helpers as the kernels' None argument does
+    (compiled, a None made inside a kernel cannot sit in a tuple; seen on triton 3.6, sm_90)."""
     p = PARAMS + tl.program_id(0) * 8
-    window = tl.load(p + 5) if WINDOWED else None
+    window = WINDOWS
+    if WINDOWS is not None:
+        window = tl.load(WINDOWS + tl.program_id(0))
     seen = (tl.load(p + 2), tl.load(p + 3), tl.load(p + 4), window)
     key_blocks = fa._key_blocks(tl.load(p), tl.load(p + 1), seen, BLOCK_N, CAUSAL)
     query_blocks = fa._query_blocks(tl.load(p + 7), seen, tl.load(p + 6), BLOCK_M, BLOCK_N, CAUSAL)
@@ -306,8 +310,9 @@ def test_block_ranges_are_exact(seed, causal, windowed):
         problems.append((q_lo, min(q_lo + BM, Nq) - 1, kv_lo, kv_hi, kv_hi - Nq, window, Nq,
                          start_n))
     out = torch.zeros(len(problems), 8, dtype=torch.int32, device=DEVICE)
-    _block_ranges[(len(problems),)](torch.tensor(problems, dtype=torch.int32, device=DEVICE), out,
-                                    BLOCK_M=BM, BLOCK_N=BN, CAUSAL=causal, WINDOWED=windowed)
+    params = torch.tensor(problems, dtype=torch.int32, device=DEVICE)
+    _block_ranges[(len(problems),)](params, params[:, 5].contiguous() if windowed else None, out,
+                                    BLOCK_M=BM, BLOCK_N=BN, CAUSAL=causal)
 
     def check(name, blocks, bounds):
         """blocks: the (rows, keys) visibility of each block."""

@@ -21,7 +21,7 @@ from llm.model.tokenizer import Tokenizer
 from llm.infer.viz import attention_map
 from sample import main as sample_main
 from sample import parse
-from tests.helpers import grid_id, option_grid, tiny_model
+from tests.helpers import KERNEL_DEVICE, grid_id, option_grid, tiny_model
 from tests.test_tokenizer import FAMILIES, assert_follows_prompt, without_eos
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -68,11 +68,11 @@ def test_batch_of_different_lengths_equals_one_by_one(backend, options, seed):
 
 
 def test_triton_backend_generates_like_sdpa(seed):
-    """Prefill (q_len < kv_len with padding) and decode through our kernel, interpreted on CPU."""
+    """Prefill (q_len < kv_len with padding) and decode through our kernel (interpreted on CPU, compiled on a GPU)."""
     pytest.importorskip("triton")
     prompts = [torch.randint(0, 97, (n,)).tolist() for n in (3, 7)]
-    outputs = [greedy(tiny_model(seed, attention=b, dtype=torch.float32, n_layer=1, d_model=64), prompts, 6)
-               for b in ("sdpa", "triton")]
+    outputs = [greedy(tiny_model(seed, attention=b, dtype=torch.float32, n_layer=1, d_model=64, device=KERNEL_DEVICE),
+                      prompts, 6) for b in ("sdpa", "triton")]
     assert outputs[0] == outputs[1]
 
 

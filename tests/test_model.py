@@ -10,7 +10,7 @@ from llm.errors import UserError
 from llm.infer.kv_cache import KVCache
 from llm.model.transformer import Transformer
 from llm.model.rope import apply_rope, rope_cache
-from tests.helpers import grid_id, option_grid, tiny_model
+from tests.helpers import KERNEL_DEVICE, grid_id, option_grid, tiny_model
 
 GRID = list(option_grid())
 
@@ -26,10 +26,11 @@ def test_causality(backend, options, seed):
     # the kernel takes fp16/bf16/fp32 and head dims of at least 16
     kernel = dict(dtype=torch.float32, d_model=64) if backend == "triton" else {}
     model = tiny_model(seed, attention=backend, **kernel, **options)
-    x = torch.randint(0, 97, (2, 24))
+    device = next(model.parameters()).device
+    x = torch.randint(0, 97, (2, 24)).to(device)
     t = int(torch.randint(0, 23, ()))
     y = x.clone()
-    y[:, t + 1 :] = torch.randint(0, 97, (2, 23 - t))
+    y[:, t + 1 :] = torch.randint(0, 97, (2, 23 - t)).to(device)
     with torch.no_grad():
         a, b = model(x), model(y)
     assert torch.equal(a[:, : t + 1], b[:, : t + 1]) or torch.allclose(a[:, : t + 1], b[:, : t + 1], atol=1e-12, rtol=0)
@@ -288,12 +289,13 @@ def test_impossible_backends_are_refused_when_built(attention, dropout, head_dim
 
 
 def test_triton_backend_matches_sdpa(seed):
-    """A tiny model's loss and gradients through our kernel (interpreted on CPU) equal SDPA's."""
+    """A tiny model's loss and gradients through our kernel (interpreted on CPU, compiled on a GPU) equal SDPA's."""
     pytest.importorskip("triton")
     results = []
     for backend in ("sdpa", "triton"):
-        model = tiny_model(seed, dtype=torch.float32, attention=backend, n_layer=1, d_model=64, n_head=4, n_kv_head=2)
-        x = torch.randint(0, 97, (2, 19), generator=torch.Generator().manual_seed(seed))
+        model = tiny_model(seed, dtype=torch.float32, attention=backend, n_layer=1, d_model=64, n_head=4, n_kv_head=2,
+                           device=KERNEL_DEVICE)
+        x = torch.randint(0, 97, (2, 19), generator=torch.Generator().manual_seed(seed)).to(KERNEL_DEVICE)
         loss = model(x[:, :-1], x[:, 1:])
         loss.backward()
         results.append((loss.detach(), {n: p.grad for n, p in model.named_parameters()}))
@@ -301,3 +303,13 @@ def test_triton_backend_matches_sdpa(seed):
     torch.testing.assert_close(loss_b, loss_a, rtol=1e-5, atol=1e-6)
     for name in grads_a:
         torch.testing.assert_close(grads_b[name], grads_a[name], rtol=1e-4, atol=1e-6, msg=name)
+
+
+@pytest.mark.parametrize("pos_embedding, table", [("rope", "rope_cos"), ("sinusoidal", "sinusoidal")])
+def test_position_tables_follow_the_weights(pos_embedding, table):
+    """init_buffers puts the tables where the weights are: the decode benchmark builds on the meta
+    device, gives the weights memory on the GPU (to_empty), then builds the tables (once made on
+    the CPU: the first step on a GPU failed). The meta device stands in for the GPU here."""
+    model = tiny_model(0, pos_embedding=pos_embedding).to_empty(device="meta")
+    model.init_buffers()
+    assert getattr(model, table).device.type == "meta"

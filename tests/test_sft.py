@@ -86,12 +86,12 @@ PACKED_CASES = [(b, p) for b in ("naive", "sdpa") for p in ("rope", "learned", "
 @pytest.mark.parametrize("backend,pos_embedding", PACKED_CASES)
 def test_packed_conversations_compute_as_if_alone(backend, pos_embedding, seed):
     """Logits and summed loss of conversations packed into rows (with padding) equal each one's alone
-    (float64; our kernel, in the interpreter, in float32 against the float64 model)."""
+    (float64; our kernel, in the interpreter or on a GPU, in float32 against the float64 model on the CPU)."""
     if backend == "triton":
         pytest.importorskip("triton")
         model = tiny_model(seed, attention="triton", dtype=torch.float32, d_model=64, sliding_window=None)
         reference = tiny_model(seed, attention="naive", d_model=64, sliding_window=None)
-        reference.load_state_dict({k: v.double() for k, v in model.state_dict().items()})
+        reference.load_state_dict({k: v.double().cpu() for k, v in model.state_dict().items()})
     else:
         model = tiny_model(seed, attention=backend, pos_embedding=pos_embedding, sliding_window=None)
         reference = model
@@ -109,8 +109,9 @@ def test_packed_conversations_compute_as_if_alone(backend, pos_embedding, seed):
                                        + [torch.full((T - sum(map(len, docs)),), len(docs))])
                              for docs in docs_of_rows])
     targets = torch.randint(0, V, idx.shape)
-    logits = model(idx, documents=documents).double()
-    loss = model(idx, targets, documents=documents, reduction="sum").double()
+    device = next(model.parameters()).device
+    logits = model(idx.to(device), documents=documents.to(device)).double().cpu()
+    loss = model(idx.to(device), targets.to(device), documents=documents.to(device), reduction="sum").double().cpu()
     tol = 1e-10 if model is reference else 1e-4
     expected_loss = 0.0
     for row, docs in enumerate(docs_of_rows):

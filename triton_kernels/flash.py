@@ -444,9 +444,14 @@ def _attn_bwd_dkdv_inner(dk, dv, k, v, offs_n, q_view, do_view, lse, delta, GROU
     pairs: a loop over heads around the loop over blocks defeats software pipelining and made
     ptxas spill registers (sm_90, D=128)."""
     n_blocks = block_hi - block_lo
+    # Software pipelining computes the first iterations' addresses before it tests the loop
+    # bound, so the divisor must not be 0 when a stage is empty (0 blocks), and the head must
+    # stay inside the group: an integer division by zero there is undefined, and its garbage
+    # quotient makes an address far outside Q (seen as an illegal memory access on sm_90).
+    per_head = tl.maximum(n_blocks, 1)
     for it in range(0, GROUP * n_blocks):
-        g = it // n_blocks
-        offs_m = (block_lo + it % n_blocks) * BLOCK_M + tl.arange(0, BLOCK_M)
+        g = tl.minimum(it // per_head, GROUP - 1)
+        offs_m = (block_lo + it % per_head) * BLOCK_M + tl.arange(0, BLOCK_M)
         row_ok = offs_m < Nq
         q = _load_rows(_next_head(q_view, g), offs_m, row_ok, HEAD_DIM, MASKED)
         do = _load_rows(_next_head(do_view, g), offs_m, row_ok, HEAD_DIM, MASKED)

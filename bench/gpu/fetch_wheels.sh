@@ -6,14 +6,16 @@
 #   bash bench/gpu/fetch_wheels.sh [--with-pyarrow]
 #
 # The machine has torch 2.11, triton 3.6, numpy, safetensors, tokenizers, transformers, tqdm,
-# matplotlib, pytest, hypothesis, pyarrow, pandas, xxhash, fsspec and huggingface_hub, but no
-# `datasets` (corpora in llm/train/data.py, its tests) and not dill or multiprocess, which it needs.
+# matplotlib, pytest, hypothesis, pyarrow, pandas, xxhash, fsspec, huggingface_hub and jinja2, but no
+# `datasets` (corpora in llm/train/data.py, its tests) nor dill and multiprocess, which it needs, no
+# `gguf` (imported by `import llm`: without it every step fails), and no starlette or uvicorn (the
+# server's tests).
 # datasets 5.2 wants pyarrow >= 24: if the suite's versions.txt shows an older one, fetch it too
 # with --with-pyarrow (49 MB of the 64 MB that may travel with the checkout).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 
-WHEELS=(datasets==5.2.0 dill==0.4.1 multiprocess==0.70.19)
+WHEELS=(datasets==5.2.0 dill==0.4.1 multiprocess==0.70.19 gguf==0.19.0 starlette==1.10.0 uvicorn==0.55.0)
 case "${1:-}" in
     "") ;;
     --with-pyarrow) WHEELS+=(pyarrow==24.0.0) ;;

@@ -105,6 +105,12 @@ def training(r):
             extra = f" quantize {quantize}" if quantize not in (None, "none") else ""
             print(f"sampling {path.stem}: batch {row.get('batch')} compile {row.get('compile')}"
                   f"{extra}: {row.get('tokens_per_s'):,.0f} tokens/s")
+        speed = {(row.get("quantize"), row.get("batch"), bool(row.get("compile"))): row.get("tokens_per_s")
+                 for row in data.get("rows", [])}
+        for (quantize, batch, compiled), graph in speed.items():
+            eager = speed.get((quantize, batch, False))
+            if compiled and eager:  # issue 25's target: the graphed step >= 5x the eager one at batch 1
+                print(f"  compiled step (CUDA graph on a GPU) / eager, batch {batch}: {graph / eager:.1f}x")
 
 
 def main(r):

@@ -140,14 +140,17 @@ class Transformer(nn.Module):
         self.init_weights()
 
     def init_buffers(self):
-        """The fixed position tables: buffers, not parameters, rebuilt from the config and never saved."""
+        """The fixed position tables: buffers, not parameters, rebuilt from the config and never saved;
+        placed with the weights (a model built on the meta device and then given real memory gets
+        its tables on that device)."""
         c = self.config
+        device = self.tok_embeddings.weight.device
         if c.pos_embedding == "rope":
             cos, sin = rope_cache(c.block_size, c.head_dim, c.rope_theta, c.rope_scaling)
-            self.register_buffer("rope_cos", cos, persistent=False)
-            self.register_buffer("rope_sin", sin, persistent=False)
+            self.register_buffer("rope_cos", cos.to(device), persistent=False)
+            self.register_buffer("rope_sin", sin.to(device), persistent=False)
         if c.pos_embedding == "sinusoidal":
-            self.register_buffer("sinusoidal", sinusoidal_table(c.block_size, c.d_model), persistent=False)
+            self.register_buffer("sinusoidal", sinusoidal_table(c.block_size, c.d_model).to(device), persistent=False)
 
     def init_weights(self):
         """GPT-2 initialization: N(0, 0.02), residual output projections scaled by 1/√(2·n_layer)."""

@@ -107,6 +107,8 @@ if [ "$DRY" = 1 ]; then  # toy sizes: every command line of the real run, on the
     TRAIN_ARGS=(--device cpu) DECODE_BATCH=1
     DECODE_ARGS=(--config tiny --device cpu --dtype float32 --new_tokens 4)
     DECODE_COMPILE=""
+    FINETUNE_ARGS=(--steps 6 --device cpu)
+    SERVE_ARGS=(--config tiny --clients 1,4 --requests 2 --max_tokens 16 --prompt_tokens 16 --max_batch 4)
 else
     CHECK=() VARIANT_CHECK=(--dtypes bf16 --head_dims 128)
     TESTS=()
@@ -119,7 +121,12 @@ else
     TRAIN_ARGS=(--dtype bfloat16 --grad_accum 2) DECODE_BATCH=1,8
     DECODE_ARGS=(--config llama-small --dtype bfloat16 --new_tokens 128 --quantize none)
     DECODE_COMPILE="--compile"
+    # The fine-tuning path (packed conversations through the varlen kernel, LoRA) and the server's
+    # batched static decode step (a CUDA graph with --compile).
+    FINETUNE_ARGS=(--steps 40 --attention triton --dtype bfloat16)
+    SERVE_ARGS=(--config llama-small --clients 1,8 --requests 4 --max_tokens 64 --compile)
 fi
+EXAMPLE="$(mktemp -d)/finetune-example"  # a small model and its data: kept out of the results
 # Tiles pinned for the variant timings, so that each variant differs from the base in one thing.
 BASE="fwd=128x64x8x3+dkdv=64x128x8x2+dq=128x64x8x3"
 VARIANTS="triton:$BASE,triton:heavy_first+$BASE,triton:$BASE+dkdv=32x128x8x3"
@@ -162,6 +169,10 @@ step 3b bench_long 30 "$PY" -m llm.bench attention "${SHAPE[@]}" --lengths "$LON
 step 5a decode 180 "$PY" -m llm.bench decode "${DECODE_ARGS[@]}" --batch "$DECODE_BATCH" --no_hf \
     ${DECODE_COMPILE:+"$DECODE_COMPILE"} --json "$R/decode.json"
 trains false $MODELS
+step 6a finetune_example 30 "$PY" -m llm.bench finetune --make_example "$EXAMPLE"
+step 6b finetune 120 "$PY" -m llm.bench finetune --init_from "$EXAMPLE/base" \
+    --data "$EXAMPLE/chats.jsonl" "${FINETUNE_ARGS[@]}" --json "$R/finetune.json"
+step 6c serve 150 "$PY" -m llm.bench serve "${SERVE_ARGS[@]}" --json "$R/serve.json"
 trains true $COMPILED_FIRST
 step 3c bench_variants 45 "$PY" -m llm.bench attention "${SHAPE[@]}" \
     --lengths "$VARIANT_LENGTHS" --causal true --modes "$VARIANT_MODES" --impls "$VARIANTS" \

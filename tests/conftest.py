@@ -16,6 +16,15 @@ if not torch.cuda.is_available():
 import pytest  # noqa: E402
 
 
+@pytest.fixture(autouse=True)
+def no_tf32_leak():
+    """train.py turns on TF32 matmuls for CUDA training, for the whole process: a training test
+    must not leave it on for a later test that compares fp32 on the GPU with float64."""
+    flags = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    yield
+    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = flags
+
+
 @pytest.fixture
 def seed() -> int:
     """A fresh random seed per test (fresh inputs every run), printed so a failure can be replayed."""

@@ -141,3 +141,14 @@ def test_decode_benchmark_against_peers(tmp_path):
 def test_unknown_benchmark_is_one_line():
     result = subprocess.run([sys.executable, "-m", "llm.bench", "nosuch"], capture_output=True, text=True, timeout=120)
     assert result.returncode == 2 and result.stderr.count("\n") == 1 and "usage" in result.stderr
+
+
+def test_finetune_example_overwrites_nothing(tmp_path):
+    """--make_example into a folder that already holds an example refuses in one line and leaves
+    the user's files as they were."""
+    (tmp_path / "chats.jsonl").write_text("mine\n")
+    result = subprocess.run([sys.executable, "-m", "llm.bench", "finetune", "--make_example", str(tmp_path)],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode != 0 and result.stderr.count("\n") == 1, result.stderr
+    assert "already exist" in result.stderr and (tmp_path / "chats.jsonl").read_text() == "mine\n"
+    assert not (tmp_path / "base").exists()

@@ -318,7 +318,9 @@ def test_block_ranges_are_exact(seed, causal, windowed):
         """blocks: the (rows, keys) visibility of each block."""
         first, clean_lo, clean_hi, last = bounds
         seen = [n for n, block in enumerate(blocks) if block.any()]
-        assert (first, last) == ((seen[0], seen[-1] + 1) if seen else (first, first)), name
+        # Nothing seen: block 0, so that even the addresses a pipelined loop computes ahead of
+        # its bound test stay at the tensor's start.
+        assert (first, last) == ((seen[0], seen[-1] + 1) if seen else (0, 0)), name
         assert first <= clean_lo <= clean_hi <= last, name
         assert all(block.all() for block in blocks[clean_lo:clean_hi]), name
 

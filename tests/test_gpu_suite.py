@@ -32,7 +32,7 @@ def test_dry_run(tmp_path):
                             timeout=600)
     summary = (out / "summary.txt").read_text().splitlines()
     status = {line.split()[0]: line.split()[2] for line in summary}
-    assert set(status) == {"0", "1a", "1b", "2", "3a", "3b", "3c", "3d", "4a", "5a"}, summary
+    assert set(status) == {"0", "1a", "1b", "2", "3a", "3b", "3c", "3d", "4a", "5a", "6a", "6b", "6c"}, summary
     for step, state in status.items():
         assert state == "ok", (step, result.stdout[-3000:])
     assert result.returncode == 0, result.stdout[-2000:]
@@ -53,6 +53,9 @@ def test_dry_run(tmp_path):
         assert data["complete"] and data["results"], name
         assert all(r["status"] == "ok" and r["ms"] > 0 for r in data["results"]), name
         assert (out / f"{name}.csv").exists() and (out / f"{name}.png").exists()
+    assert {"full", "lora"} <= set(json.loads((out / "finetune.json").read_text()))
+    served = json.loads((out / "serve.json").read_text())["runs"][0]["rows"]
+    assert [(r["clients"], r["failed"]) for r in served] == [(1, 0), (4, 0)]
     commands = (out / "commands.txt").read_text()
     assert "check_kernel.py" in commands and "llm.bench train" in commands
     assert "attention_variants" in (out / "figures.txt").read_text()

@@ -185,9 +185,13 @@ def _blocks(any_lo, any_hi, all_lo, all_hi, BLOCK: tl.constexpr):
     to visit when some row sees [any_lo, any_hi) and every row sees [all_lo, all_hi): blocks
     [first, last) meet the first range, and of those [clean_lo, clean_hi) lie inside the
     second, so the loop over them needs no mask (the stages: masked, unmasked, masked). Lower
-    bounds are >= 0; an upper bound at or below its lower bound means an empty range."""
-    first = any_lo // BLOCK
-    last = tl.where(any_hi > any_lo, tl.cdiv(any_hi, BLOCK), first)
+    bounds are >= 0; an upper bound at or below its lower bound means an empty range. An empty
+    range is (0, 0, 0, 0): software pipelining computes the addresses of a loop's first
+    iterations before it tests the bound, and those of a far block (a key block past a short
+    row's kv_end maps to query blocks far past Nq) could lie outside the tensor's memory."""
+    nonempty = any_hi > any_lo
+    first = tl.where(nonempty, any_lo // BLOCK, 0)
+    last = tl.where(nonempty, tl.cdiv(any_hi, BLOCK), 0)
     clean_lo = tl.minimum(tl.maximum(tl.cdiv(all_lo, BLOCK), first), last)
     clean_hi = tl.minimum(tl.maximum(tl.maximum(all_hi, 0) // BLOCK, clean_lo), last)
     return first, clean_lo, clean_hi, last
@@ -443,15 +447,14 @@ def _attn_bwd_dkdv_inner(dk, dv, k, v, offs_n, q_view, do_view, lse, delta, GROU
     ([BLOCK_N, BLOCK_M]) so that dK/dV come out row-major. One flat loop over (head, block)
     pairs: a loop over heads around the loop over blocks defeats software pipelining and made
     ptxas spill registers (sm_90, D=128)."""
-    n_blocks = block_hi - block_lo
-    # Software pipelining computes the first iterations' addresses before it tests the loop
-    # bound, so the divisor must not be 0 when a stage is empty (0 blocks), and the head must
-    # stay inside the group: an integer division by zero there is undefined, and its garbage
-    # quotient makes an address far outside Q (seen as an illegal memory access on sm_90).
-    per_head = tl.maximum(n_blocks, 1)
-    for it in range(0, GROUP * n_blocks):
-        g = tl.minimum(it // per_head, GROUP - 1)
-        offs_m = (block_lo + it % per_head) * BLOCK_M + tl.arange(0, BLOCK_M)
+    # The (head, block) pair advances by counters, blocks fastest, rather than as it // n_blocks
+    # and it % n_blocks: software pipelining computes the first iterations' addresses before it
+    # tests the loop bound, and with an empty stage (n_blocks = 0) that division is undefined and
+    # its quotient an address far outside Q (an illegal memory access, seen on sm_90).
+    g = tl.full([], 0, tl.int32)
+    block = block_lo
+    for _ in range(0, GROUP * (block_hi - block_lo)):
+        offs_m = block * BLOCK_M + tl.arange(0, BLOCK_M)
         row_ok = offs_m < Nq
         q = _load_rows(_next_head(q_view, g), offs_m, row_ok, HEAD_DIM, MASKED)
         do = _load_rows(_next_head(do_view, g), offs_m, row_ok, HEAD_DIM, MASKED)
@@ -465,6 +468,9 @@ def _attn_bwd_dkdv_inner(dk, dv, k, v, offs_n, q_view, do_view, lse, delta, GROU
         dv = _dot(pT.to(do.dtype), do, dv)
         dsT = pT * (_dot(v, tl.trans(do)) - delta_g[None, :])
         dk = _dot(dsT.to(q.dtype), q, dk)
+        block += 1
+        g = tl.where(block == block_hi, g + 1, g)
+        block = tl.where(block == block_hi, block_lo, block)
     return dk, dv
 
 

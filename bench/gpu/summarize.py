@@ -113,8 +113,20 @@ def training(r):
                 print(f"  compiled step (CUDA graph on a GPU) / eager, batch {batch}: {graph / eager:.1f}x")
 
 
+def finetune_and_serve(r):
+    tuned = load(r / "finetune.json") or {}
+    for mode in ("full", "lora"):
+        if mode in tuned:
+            print(f"fine-tuning {mode}: {tuned[mode]['tokens_per_s']:,.0f} positions/s, "
+                  f"peak {tuned[mode]['peak_bytes'] / 2**20:,.0f} MiB")
+    for run in (load(r / "serve.json") or {}).get("runs", []):
+        for row in run["rows"]:
+            print(f"serving {run['name']}: {row['clients']} clients {row['tokens_per_s']:,.0f} tokens/s, "
+                  f"{row['failed']} failed, p99 time to first token {row['ttft_p99'] * 1e3:.0f} ms")
+
+
 def main(r):
-    for part in (kernel_checks, tests, attention, training):
+    for part in (kernel_checks, tests, attention, training, finetune_and_serve):
         try:
             part(r)
         except (KeyError, TypeError, ValueError) as e:  # a partial file: say so, go on

@@ -45,6 +45,8 @@ def make_example(folder: Path):
 
     from llm.model.tokenizer import Tokenizer
 
+    if taken := [str(folder / name) for name in ("chats.jsonl", "base") if (folder / name).exists()]:
+        raise UserError(f"--make_example {folder}: {' and '.join(taken)} already exist (nothing is overwritten)")
     rows = example_conversations()
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "chats.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))

@@ -185,13 +185,11 @@ def _blocks(any_lo, any_hi, all_lo, all_hi, BLOCK: tl.constexpr):
     to visit when some row sees [any_lo, any_hi) and every row sees [all_lo, all_hi): blocks
     [first, last) meet the first range, and of those [clean_lo, clean_hi) lie inside the
     second, so the loop over them needs no mask (the stages: masked, unmasked, masked). Lower
-    bounds are >= 0; an upper bound at or below its lower bound means an empty range. An empty
-    range is (0, 0, 0, 0): software pipelining computes the addresses of a loop's first
-    iterations before it tests the bound, and those of a far block (a key block past a short
-    row's kv_end maps to query blocks far past Nq) could lie outside the tensor's memory."""
-    nonempty = any_hi > any_lo
-    first = tl.where(nonempty, any_lo // BLOCK, 0)
-    last = tl.where(nonempty, tl.cdiv(any_hi, BLOCK), 0)
+    bounds are >= 0; an upper bound at or below its lower bound means an empty range. Callers
+    keep any_lo within the rows (software pipelining computes the addresses of a loop's first
+    iterations before it tests the bound, even for an empty range)."""
+    first = any_lo // BLOCK
+    last = tl.where(any_hi > any_lo, tl.cdiv(any_hi, BLOCK), first)
     clean_lo = tl.minimum(tl.maximum(tl.cdiv(all_lo, BLOCK), first), last)
     clean_hi = tl.minimum(tl.maximum(tl.maximum(all_hi, 0) // BLOCK, clean_lo), last)
     return first, clean_lo, clean_hi, last
@@ -227,7 +225,10 @@ def _query_blocks(start_n, seen, Nq, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexp
         if window is not None:
             any_hi = tl.minimum(n_hi - diag + window, Nq)
             all_hi = tl.minimum(n_lo - diag + window, Nq)
-    # No visible key: nobody sees the block. A hidden key in it: every query block needs the mask.
+    # No visible key: nobody sees the block, and the empty range starts at query block 0 (a key
+    # block past a short row's kv_end would otherwise start it far past Nq). A hidden key in the
+    # block: every query block needs the mask.
+    any_lo = tl.where(n_lo <= n_hi, any_lo, 0)
     any_hi = tl.where(n_lo <= n_hi, any_hi, 0)
     all_hi = tl.where((n_lo == start_n) & (n_hi == start_n + BLOCK_N - 1), all_hi, 0)
     return _blocks(any_lo, any_hi, all_lo, all_hi, BLOCK_M)

@@ -451,7 +451,8 @@ def _attn_bwd_dkdv_inner(dk, dv, k, v, offs_n, q_view, do_view, lse, delta, GROU
     # The (head, block) pair advances by counters, blocks fastest, rather than as it // n_blocks
     # and it % n_blocks: software pipelining computes the first iterations' addresses before it
     # tests the loop bound, and with an empty stage (n_blocks = 0) that division is undefined and
-    # its quotient an address far outside Q (an illegal memory access, seen on sm_90).
+    # its quotient an address far outside Q (the likely cause of an illegal memory access seen
+    # on an H200).
     g = tl.full([], 0, tl.int32)
     block = block_lo
     for _ in range(0, GROUP * (block_hi - block_lo)):

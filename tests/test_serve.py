@@ -409,3 +409,19 @@ def test_compiled_step_compiles_once_while_requests_come_and_go(seed):
     compiled, _ = run_sequences(model, tokenizer, prompts, lengths, counter)
     assert counter.frame_count == 1
     assert compiled == [alone(model, p, n) for p, n in zip(prompts, lengths)]
+
+
+def test_a_stop_string_in_the_last_held_back_text_is_a_stop(reference):
+    """At max_tokens the bytes held back for an unfinished character come out (as U+FFFD); a stop
+    string that shows only then still cuts the text there, and the sequence ends as a stop, not at
+    its length (found by a random model that repeated lone lead bytes)."""
+    from llm.serve.sequence import Sequence
+
+    _, tokenizer = reference
+    lead = tokenizer.hf.token_to_id("ä")  # byte 0xE4 alone: the first byte of a 3-byte character
+    prompt = tokenizer.encode("x")
+    outputs = []
+    seq = Sequence(0, prompt, 3, TextStream(tokenizer, ("\ufffd\ufffd",), prompt), outputs.append)
+    texts = [seq.append(t).text for t in (tokenizer.encode("a")[0], lead, lead)]
+    assert "".join(texts) == "a" and seq.finish_reason == "stop"
+    assert tokenizer.decode(prompt + seq.ids)[len("x"):].startswith("a\ufffd\ufffd")

@@ -57,5 +57,8 @@ class Sequence:
             if self.text.stopped:
                 self.finish_reason = "stop"
             elif len(self.ids) >= self.max_tokens:
-                text, self.finish_reason = text + self.text.finish(), "length"
+                # The text held back (bytes of an unfinished character) is released now, and a
+                # stop string may only show in it: the text is then cut there, as for any stop.
+                text += self.text.finish()
+                self.finish_reason = "stop" if self.text.stopped else "length"
         return Output(self.index, text, [logprob] if logprob else [], finish_reason=self.finish_reason)

@@ -127,6 +127,23 @@ def test_packed_conversations_compute_as_if_alone(backend, pos_embedding, seed):
     torch.testing.assert_close(loss, expected_loss, rtol=tol, atol=tol)
 
 
+def test_packed_bounds_are_found_once_per_forward(seed, monkeypatch):
+    """The kernel's document bounds (their count depends on the data, so finding them waits for a
+    GPU) are found once per forward and shared by the layers, not found again in each."""
+    pytest.importorskip("triton")
+    import llm.model.attention as attention
+
+    calls = []
+    find = attention.document_bounds
+    monkeypatch.setattr(attention, "document_bounds", lambda documents: calls.append(1) or find(documents))
+    model = tiny_model(seed, attention="triton", dtype=torch.float32, d_model=64, n_layer=3, sliding_window=None)
+    device = next(model.parameters()).device
+    cut = int(torch.randint(1, 23, ()))
+    documents = torch.tensor([[0] * cut + [1] * (24 - cut), [0] * 24], device=device)
+    model(torch.randint(0, 97, (2, 24), device=device), documents=documents)
+    assert len(calls) == 1
+
+
 @settings(max_examples=50, deadline=None)
 @given(lengths=st.lists(st.integers(2, 40), min_size=1, max_size=30), block_size=st.integers(8, 32),
        packing=st.booleans())

@@ -10,9 +10,10 @@ slots not yet written are masked and the shapes never change. `kv_start` (B,)
 optionally masks the first kv_start[b] keys of row b: the left padding of a batch
 of prompts with different lengths. `window` (sliding-window attention, Mistral)
 also masks keys `window` or more slots before the query: it sees `window` keys,
-itself included. `documents` (B, T), for windows that pack several documents (fine-tuning
-on conversations): the document index of each position; a query sees only keys of its own
-document, so each is computed as if it were alone (its positions restart too: the model's).
+itself included. `packing` (a Packing of `documents` (B, T)), for windows that pack several
+documents (fine-tuning on conversations): the document index of each position; a query sees
+only keys of its own document, so each is computed as if it were alone (its positions restart
+too: the model's).
 """
 import functools
 import importlib.util
@@ -112,16 +113,36 @@ def triton_attention(q, k, v, kv_start, q_slots, window):
     return flash_attention(q, k, v, causal=True, kv_start=kv_start, kv_end=kv_end, window=window)
 
 
-def packed_triton_attention(q, k, v, documents, window):
+def document_bounds(documents: torch.Tensor) -> torch.Tensor:
+    """cu_seqlens of packed windows, the rows laid end to end: where each run of one document index
+    starts, then the total length (int32). Its size depends on the data: finding it waits for a GPU."""
+    starts = torch.ones_like(documents, dtype=torch.bool)
+    starts[:, 1:] = documents[:, 1:] != documents[:, :-1]
+    return F.pad(starts.flatten().nonzero()[:, 0], (0, 1), value=documents.numel()).to(torch.int32)
+
+
+class Packing:
+    """Windows that pack several documents: each position's document index (B, T), and the
+    documents' bounds for the kernel's variable-length entry, found at the first layer that asks
+    and then kept, so a forward waits for the GPU once rather than once per layer."""
+
+    def __init__(self, documents: torch.Tensor):
+        self.documents = documents
+        self._bounds = None
+
+    def bounds(self) -> torch.Tensor:
+        if self._bounds is None:
+            self._bounds = document_bounds(self.documents)
+        return self._bounds
+
+
+def packed_triton_attention(q, k, v, packing: Packing, window):
     """Windows packing several documents through the kernel's variable-length entry: the rows laid
     end to end, each run of one document index a sequence that attends only to itself."""
     from triton_kernels import flash_attention_varlen
 
     B, H, T, D = q.shape
-    starts = torch.ones_like(documents, dtype=torch.bool)
-    starts[:, 1:] = documents[:, 1:] != documents[:, :-1]
-    end = torch.tensor([B * T], device=q.device)
-    cu_seqlens = torch.cat([starts.flatten().nonzero()[:, 0], end]).to(torch.int32)
+    cu_seqlens = packing.bounds()
     rows = lambda x: x.transpose(1, 2).reshape(B * T, x.size(1), D)  # noqa: E731
     out = flash_attention_varlen(rows(q), rows(k), rows(v), cu_seqlens, cu_seqlens, T, T, causal=True, window=window)
     return out.view(B, T, H, D).transpose(1, 2)
@@ -161,15 +182,16 @@ def one_query_attention(q, k, v, mask):
 
 
 def attention(q, k, v, backend="sdpa", dropout_p=0.0, kv_start=None, q_slots=None, window=None,
-              documents=None) -> torch.Tensor:
+              packing: Packing | None = None) -> torch.Tensor:
     """Causal attention of q over k, v with the chosen backend; returns (B, H, Tq, D)."""
     backend = resolve_backend(backend, q.size(-1), q.dtype, q.device, dropout_p)
     if backend == "triton":
         if dropout_p:
             raise ValueError("the triton attention backend has no attention dropout")
-        if documents is not None:
-            return packed_triton_attention(q, k, v, documents, window)
+        if packing is not None:
+            return packed_triton_attention(q, k, v, packing, window)
         return triton_attention(q, k, v, kv_start, q_slots, window)
+    documents = None if packing is None else packing.documents
     if backend == "naive":
         mask = causal_mask(q.size(2), k.size(2), kv_start, q.device, q_slots, window, documents)
         return naive_attention(q, k, v, mask, dropout_p)[0]

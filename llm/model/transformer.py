@@ -10,7 +10,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from llm.model.attention import attention, causal_mask, check_runtime, naive_attention
+from llm.model.attention import Packing, attention, causal_mask, check_runtime, naive_attention
 from llm.config import ModelConfig
 from llm.model.loss import linear_cross_entropy
 from llm.model.rope import apply_rope, rope_cache
@@ -55,7 +55,7 @@ class Attention(nn.Module):
         self.dropout = dropout
         self.window = config.sliding_window
 
-    def forward(self, x, rope=None, cache=None, kv_start=None, attn_maps=None, slots=None, documents=None):
+    def forward(self, x, rope=None, cache=None, kv_start=None, attn_maps=None, slots=None, packing=None):
         B, T, _ = x.shape
         q, k, v = self.wqkv(x).split(
             [self.n_head * self.head_dim, self.n_kv_head * self.head_dim, self.n_kv_head * self.head_dim], dim=-1
@@ -71,8 +71,9 @@ class Attention(nn.Module):
             k, v = cache.update(self.layer_idx, k, v, slots)
         dropout_p = self.dropout if self.training else 0.0
         if attn_maps is None:
-            y = attention(q, k, v, self.backend, dropout_p, kv_start, slots, self.window, documents)
+            y = attention(q, k, v, self.backend, dropout_p, kv_start, slots, self.window, packing)
         else:  # visualization: the textbook computation, keeping the probabilities
+            documents = None if packing is None else packing.documents
             mask = causal_mask(T, k.size(2), kv_start, x.device, slots, self.window, documents)
             y, probs = naive_attention(q, k, v, mask, dropout_p)
             attn_maps.append(probs)
@@ -113,12 +114,12 @@ class Block(nn.Module):
         self.feed_forward = FeedForward(config)
         self.drop = nn.Dropout(dropout)
 
-    def forward(self, x, rope=None, cache=None, kv_start=None, attn_maps=None, slots=None, documents=None):
+    def forward(self, x, rope=None, cache=None, kv_start=None, attn_maps=None, slots=None, packing=None):
         if self.pre_norm:
-            y = self.attention(self.attention_norm(x), rope, cache, kv_start, attn_maps, slots, documents)
+            y = self.attention(self.attention_norm(x), rope, cache, kv_start, attn_maps, slots, packing)
             x = x + self.drop(y)
             return x + self.drop(self.feed_forward(self.ffn_norm(x)))
-        x = self.attention_norm(x + self.drop(self.attention(x, rope, cache, kv_start, attn_maps, slots, documents)))
+        x = self.attention_norm(x + self.drop(self.attention(x, rope, cache, kv_start, attn_maps, slots, packing)))
         return self.ffn_norm(x + self.drop(self.feed_forward(x)))
 
 
@@ -211,8 +212,9 @@ class Transformer(nn.Module):
             cos, sin = self.rope_cos[positions], self.rope_sin[positions]
             rope = (cos, sin) if positions.dim() == 1 else (cos[:, None], sin[:, None])
         x = self.drop(x)
+        packing = None if documents is None else Packing(documents)  # one per forward, shared by the layers
         for block in self.layers:
-            x = block(x, rope, cache, kv_start, attn_maps, slots, documents)
+            x = block(x, rope, cache, kv_start, attn_maps, slots, packing)
         if cache is not None:
             cache.pos += T
         x = self.norm(x)

@@ -113,12 +113,18 @@ def triton_attention(q, k, v, kv_start, q_slots, window):
     return flash_attention(q, k, v, causal=True, kv_start=kv_start, kv_end=kv_end, window=window)
 
 
+def document_starts(documents: torch.Tensor) -> torch.Tensor:
+    """(B, T) True where a document begins: each row's first position, and each change of index."""
+    starts = torch.ones_like(documents, dtype=torch.bool)
+    starts[:, 1:] = documents[:, 1:] != documents[:, :-1]
+    return starts
+
+
 def document_bounds(documents: torch.Tensor) -> torch.Tensor:
     """cu_seqlens of packed windows, the rows laid end to end: where each run of one document index
     starts, then the total length (int32). Its size depends on the data: finding it waits for a GPU."""
-    starts = torch.ones_like(documents, dtype=torch.bool)
-    starts[:, 1:] = documents[:, 1:] != documents[:, :-1]
-    return F.pad(starts.flatten().nonzero()[:, 0], (0, 1), value=documents.numel()).to(torch.int32)
+    starts = document_starts(documents).flatten().nonzero()[:, 0]
+    return F.pad(starts, (0, 1), value=documents.numel()).to(torch.int32)
 
 
 class Packing:

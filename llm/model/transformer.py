@@ -10,7 +10,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from llm.model.attention import Packing, attention, causal_mask, check_runtime, naive_attention
+from llm.model.attention import Packing, attention, causal_mask, check_runtime, document_starts, naive_attention
 from llm.config import ModelConfig
 from llm.model.loss import linear_cross_entropy
 from llm.model.rope import apply_rope, rope_cache
@@ -35,8 +35,7 @@ def sinusoidal_table(max_len: int, dim: int) -> torch.Tensor:
 def document_positions(documents: torch.Tensor) -> torch.Tensor:
     """(B, T) positions counted from the first token of each token's document."""
     index = torch.arange(documents.size(1), device=documents.device).expand_as(documents)
-    starts = torch.ones_like(documents, dtype=torch.bool)
-    starts[:, 1:] = documents[:, 1:] != documents[:, :-1]
+    starts = document_starts(documents)
     return index - torch.where(starts, index, 0).cummax(dim=1).values
 
 

@@ -75,12 +75,9 @@ def byte_level_bpe(normalizer, pre_tokenizer, vocab=None, merges=None, ignore_me
     return hf
 
 
-def pre_tokenizer_name(tokenizer: Tokenizer) -> str:
-    """llama.cpp's name for how this tokenizer splits text, or a UserError saying why it has none."""
-    spec = json.loads(tokenizer.hf.to_str())
-    model = spec.get("model") or {}
-    if model.get("type") != "BPE" or model.get("continuing_subword_prefix"):
-        raise UserError(f"cannot export to GGUF: only BPE tokenizers are written (this one is {model.get('type')})")
+def pre_tokenizer_name(spec: dict) -> str:
+    """llama.cpp's name for how a byte-level BPE (its tokenizer.json, parsed) splits text, or a
+    UserError saying why it has none."""
     if (spec.get("decoder") or {}).get("type") != "ByteLevel":
         raise UserError(f"cannot export to GGUF: the tokenizer's decoder is {json.dumps(spec.get('decoder'))}, "
                         "not byte-level")
@@ -149,8 +146,13 @@ def sentencepiece_scores(tokens: list[str], types: list[int], pairs: list[tuple[
     first = {}
     for rank, (a, b) in enumerate(pairs):
         first.setdefault(a + b, rank)
-    scores = [0.0 if kind != TYPE.NORMAL else -1.0 - first[t] if t in first else -1.0 - len(pairs) - i
-              for i, (t, kind) in enumerate(zip(tokens, types))]
+
+    def score(i: int, piece: str, kind: int) -> float:
+        if kind != TYPE.NORMAL:
+            return 0.0
+        return -1.0 - first[piece] if piece in first else -1.0 - len(pairs) - i  # made by no merge: below all
+
+    scores = [score(i, piece, kind) for i, (piece, kind) in enumerate(zip(tokens, types))]
     rebuilt = merge_pairs(json.loads(sentencepiece_bpe(tokens, scores, types, space_prefix).to_str()))
     if rebuilt != pairs:
         at = next((i for i, (a, b) in enumerate(zip(rebuilt, pairs)) if a != b), min(len(rebuilt), len(pairs)))
@@ -179,10 +181,10 @@ def vocabulary(tokenizer: Tokenizer, n_vocab: int) -> Vocabulary:
     byte-level BPE as `gpt2`, a BPE with byte fallback (SentencePiece's kind) as `llama`."""
     spec = json.loads(tokenizer.hf.to_str())
     model = spec.get("model") or {}
-    if model.get("type") != "BPE":
+    if model.get("type") != "BPE" or model.get("continuing_subword_prefix"):
         raise UserError(f"cannot export to GGUF: only BPE tokenizers are written (this one is {model.get('type')})")
     if not model.get("byte_fallback"):
-        pre = pre_tokenizer_name(tokenizer)
+        pre = pre_tokenizer_name(spec)
         tokens, types = token_table(tokenizer, n_vocab, lambda t: TYPE.NORMAL)
         return Vocabulary("gpt2", tokens, types, merges=[" ".join(pair) for pair in merge_pairs(spec)], pre=pre)
     space_prefix = sentencepiece_spaces(spec)

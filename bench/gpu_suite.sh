@@ -60,6 +60,7 @@ export FLASH_ATTENTION_TUNE_CACHE="$R/tune"  # the tiles the benchmarks chose be
 : > "$R/commands.txt"
 START=$SECONDS
 FAILED=0
+MATCHED=0  # steps that --only selected
 
 pack() {  # the device tool brings back only a few files from $OUT: one archive, rebuilt each step
     [ -n "${OUT:-}" ] && [ -d "$OUT" ] && [ "$R" != "$(cd "$OUT" && pwd)" ] || return 0
@@ -71,6 +72,7 @@ pack() {  # the device tool brings back only a few files from $OUT: one archive,
 step() {
     local id="$1" name="$2" limit="$3"; shift 3
     case ",$ONLY," in ",,"|*",${id%%[a-z]*},"*|*",$id,"*) ;; *) return 0 ;; esac
+    MATCHED=$((MATCHED + 1))
     [ "$DRY" = 1 ] && [ "$limit" -lt 60 ] && limit=60  # the CPU is slower at anything
     local left=$((BUDGET - (SECONDS - START)))
     local log="$R/$id-$name.log" status rc t0=$SECONDS
@@ -191,6 +193,10 @@ step 2 pytest 300 env FLASH_ATTENTION_OPTIONS="$TEST_PIN" "$PY" -m pytest -q \
     -p no:cacheprovider --durations=10 --junitxml "$R/pytest.xml" ${XDIST[@]+"${XDIST[@]}"} \
     ${TESTS[@]+"${TESTS[@]}"}
 
+if [ "$MATCHED" = 0 ]; then
+    echo "gpu_suite.sh: --only $ONLY names no step (steps 0-6, or ids such as 4e: see summary.txt of a run)" >&2
+    exit 2
+fi
 "$PY" bench/gpu/summarize.py "$R" | tee "$R/figures.txt"
 echo
 echo "summary ($((SECONDS - START)) s; results in $R):"

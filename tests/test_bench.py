@@ -152,3 +152,7 @@ def test_finetune_example_overwrites_nothing(tmp_path):
     assert result.returncode != 0 and result.stderr.count("\n") == 1, result.stderr
     assert "already exist" in result.stderr and (tmp_path / "chats.jsonl").read_text() == "mine\n"
     assert not (tmp_path / "base").exists()
+    blocked = tmp_path / "chats.jsonl" / "example"  # under a file: cannot be made
+    result = subprocess.run([sys.executable, "-m", "llm.bench", "finetune", "--make_example", str(blocked)],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode != 0 and result.stderr.count("\n") == 1 and "cannot write there" in result.stderr

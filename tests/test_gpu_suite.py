@@ -68,6 +68,15 @@ def test_suite_rejects_unknown_arguments():
         "gpu_suite.sh: unknown argument --fast (see --help)"]
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the dry run is for machines without a GPU")
+def test_suite_refuses_only_steps_it_lacks(tmp_path):
+    """--only with no step of that number (a typo) is one line and exit 2, not a silent empty run."""
+    result = subprocess.run(["bash", "bench/gpu_suite.sh", "--dry-run", "--only", "9", "--out", str(tmp_path)],
+                            cwd=REPO_ROOT, env=clean_env(), capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2 and result.stderr.strip().splitlines() == [
+        "gpu_suite.sh: --only 9 names no step (steps 0-6, or ids such as 4e: see summary.txt of a run)"]
+
+
 @pytest.fixture
 def bench(monkeypatch):
     from llm.bench import attention as bench

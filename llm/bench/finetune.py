@@ -48,16 +48,24 @@ def make_example(folder: Path):
     if taken := [str(folder / name) for name in ("chats.jsonl", "base") if (folder / name).exists()]:
         raise UserError(f"--make_example {folder}: {' and '.join(taken)} already exist (nothing is overwritten)")
     rows = example_conversations()
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / "chats.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    tokenizer = Tokenizer.train([" ".join(m["content"] for r in rows for m in r["messages"]) * 10], vocab_size=512)
-    config = transformers.LlamaConfig(vocab_size=tokenizer.vocab_size, hidden_size=128, intermediate_size=384,
-                                      num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
-                                      max_position_embeddings=128, bos_token_id=tokenizer.eot_id,
-                                      eos_token_id=tokenizer.eot_id, tie_word_embeddings=True)
-    torch.manual_seed(0)
-    transformers.LlamaForCausalLM(config).save_pretrained(folder / "base")
-    tokenizer.save(folder / "base" / "tokenizer.json")
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=folder, prefix=".example-") as work:  # moved in whole, or not at all
+            work = Path(work)
+            (work / "chats.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+            text = " ".join(m["content"] for r in rows for m in r["messages"]) * 10
+            tokenizer = Tokenizer.train([text], vocab_size=512)
+            config = transformers.LlamaConfig(vocab_size=tokenizer.vocab_size, hidden_size=128, intermediate_size=384,
+                                              num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
+                                              max_position_embeddings=128, bos_token_id=tokenizer.eot_id,
+                                              eos_token_id=tokenizer.eot_id, tie_word_embeddings=True)
+            torch.manual_seed(0)
+            transformers.LlamaForCausalLM(config).save_pretrained(work / "base")
+            tokenizer.save(work / "base" / "tokenizer.json")
+            (work / "base").rename(folder / "base")
+            (work / "chats.jsonl").rename(folder / "chats.jsonl")
+    except OSError as e:
+        raise UserError(f"--make_example {folder}: cannot write there: {e.strerror or e}")
     print(f"wrote {folder / 'base'} (a Llama directory) and {folder / 'chats.jsonl'} ({len(rows)} conversations)")
 
 

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 import torch
 
 from llm.errors import UserError
+from llm.infer.aot import AheadOfTimeStep
 from llm.infer.kv_cache import KVCache
 from llm.model.tokenizer import StreamDecoder
 
@@ -88,7 +89,10 @@ def check_compile_backend(backend: str):
 # Inductor recomputes a cheap activation (a norm's output, a residual sum) inside each loop that reads
 # it; in a decode step on CPU those loops stream weights, and recomputing there costs more than the
 # tiny buffer it saves: realize activations read more than once, or made of more than a few ops.
-CPU_INDUCTOR_OPTIONS = {"realize_reads_threshold": 1, "realize_opcount_threshold": 4}
+# The wrapper's check of every input's size and stride (~370 at 30 layers, each already guarded by
+# Dynamo) cost about a twentieth of a step: off.
+CPU_INDUCTOR_OPTIONS = {"realize_reads_threshold": 1, "realize_opcount_threshold": 4,
+                        "size_asserts": False, "alignment_asserts": False}
 
 
 class CompiledStep:
@@ -97,7 +101,8 @@ class CompiledStep:
     key that is a constant of the graph, so another model, even a copy, compiles anew). On CUDA the
     step is also captured as a CUDA graph at the second step of each generation (the first compiles
     and warms up, on a side stream as capture requires) and replayed after that, with no per-kernel
-    launch cost. Inductor on CPU compiles with CPU_INDUCTOR_OPTIONS."""
+    launch cost. Inductor on CPU compiles with CPU_INDUCTOR_OPTIONS, and ahead of time (AOTInductor,
+    llm/infer/aot.py: no guards and no Python wrapper per step) unless a layer is packed for oneDNN."""
 
     def __init__(self, backend="inductor"):
         self.backend = backend
@@ -114,7 +119,10 @@ class CompiledStep:
             return logits
         return self._call(model, token, kv_start, cache)
 
-    def _compile(self, device: torch.device):
+    def _compile(self, device: torch.device, model):
+        if self.backend == "inductor" and device.type == "cpu" and AheadOfTimeStep.supports(model):
+            self.step = AheadOfTimeStep(CPU_INDUCTOR_OPTIONS)
+            return
         # Dynamo keeps compiled code, and its limit of 8 recompilations, per code object: each
         # CompiledStep compiles its own copy of decode_one, so a process that decodes with many
         # models, dtypes or batch sizes never reaches the limit (a hard error under fullgraph).
@@ -124,11 +132,22 @@ class CompiledStep:
 
     def _call(self, model, token, kv_start, cache):
         if self.step is None:
-            self._compile(token.device)
-        if token.device.type != "cuda":
+            self._compile(token.device, model)
+        if isinstance(self.step, AheadOfTimeStep):
             return self.step(model, token, kv_start, cache)
         inputs = (model, kv_start, cache)
-        if self.inputs is None or any(a is not b for a, b in zip(inputs, self.inputs)):
+        same = self.inputs is not None and all(a is b for a, b in zip(inputs, self.inputs))
+        if token.device.type != "cuda":
+            self.inputs = inputs
+            if not same:
+                return self.step(model, token, kv_start, cache)
+            # The inputs of the last call again: what Dynamo's guards check (the model's structure,
+            # the tensors' sizes, ~370 tensors at 30 layers) has not changed, and checking it cost
+            # about a twentieth of a step. Guards that tell apart graphs compiled for other inputs
+            # still run.
+            with torch.compiler.set_stance("default", skip_guard_eval_unsafe=True):
+                return self.step(model, token, kv_start, cache)
+        if not same:
             self.inputs, self.graph = inputs, None
             side = torch.cuda.Stream()
             side.wait_stream(torch.cuda.current_stream())

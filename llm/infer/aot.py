@@ -36,12 +36,11 @@ class StepModule(nn.Module):
         for name, tensor in cache_tensors(cache).items():
             self.register_buffer(name, tensor)
 
-    def forward(self, token, pos, kv_start=None):
-        from llm.infer.generate import decode_one
-
+    def forward(self, token, pos, kv_start=None):  # llm.infer.generate.decode_one's computation
         k = [getattr(self, f"k{i}") for i in range(self.n_layer)]
         v = [getattr(self, f"v{i}") for i in range(self.n_layer)]
-        return decode_one(self.model, token, kv_start, KVCache.view(k, v, self.max_len, pos, self.rows))
+        cache = KVCache.view(k, v, self.max_len, pos, self.rows)
+        return self.model(token, kv_start=kv_start, cache=cache, last_only=True)[:, -1]
 
 
 def cache_tensors(cache: KVCache) -> dict[str, torch.Tensor]:

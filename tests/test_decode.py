@@ -1,6 +1,10 @@
 """The static decode step: one set of shapes from the first token to the last, exact for every option
 and backend (against a recomputation of each row alone, without cache or padding), compiled once."""
 import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -170,3 +174,39 @@ def test_compile_failure_is_one_line(tmp_path, capsys):
     err = capsys.readouterr().err
     assert exit_info.value.code == 2 and err.count("\n") == 1, err
     assert err.startswith("error: --compile fails_for_this_test failed (RuntimeError: no compiler here)"), err
+
+
+def test_ahead_of_time_compile_failure_is_one_line(tmp_path, capsys, monkeypatch):
+    """Inductor on CPU compiles ahead of time (llm/infer/aot.py); when that fails (no C++ compiler,
+    a full disk): one line, exit 2, and no half-written package left behind."""
+
+    def fails(program, package_path, inductor_configs):
+        with open(package_path, "wb") as f:
+            f.write(b"half")
+        raise RuntimeError("no compiler here\nsecond line")
+
+    monkeypatch.setattr(torch._inductor.runtime.cache_dir_utils, "cache_dir", lambda: str(tmp_path / "cache"))
+    monkeypatch.setattr(torch._inductor, "aoti_compile_and_package", fails)
+    tokenizer = Tokenizer.train(["def f(x):\n    return x\n"] * 20, vocab_size=280)
+    model = tiny_model(0, dtype=torch.float32, vocab_size=tokenizer.vocab_size)
+    save_file(model.state_dict(), tmp_path / "model.safetensors")
+    (tmp_path / "config.json").write_text(json.dumps(model.config.__dict__))
+    tokenizer.save(tmp_path / "tokenizer.json")
+    with pytest.raises(SystemExit) as exit_info:
+        sample_main(["--ckpt", str(tmp_path), "--prompt", "x", "--max_new_tokens", "3", "--compile"])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and err.count("\n") == 1, err
+    assert err.startswith("error: compiling the decode step ahead of time (AOTInductor) failed "
+                          "(RuntimeError: no compiler here)"), err
+    assert list((tmp_path / "cache" / "llm_toolkit_aot").iterdir()) == []
+
+
+def test_unusable_compile_cache_folder_is_one_line(tmp_path):
+    """TORCHINDUCTOR_CACHE_DIR naming a file: torch fails as it is imported; one line, exit 2."""
+    blocker = tmp_path / "a_file"
+    blocker.write_text("")
+    env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": str(blocker)}
+    done = subprocess.run([sys.executable, "sample.py", "--ckpt", "/no/such/run", "--compile"], env=env,
+                          cwd=Path(__file__).parent.parent, capture_output=True, text=True)
+    assert done.returncode == 2 and done.stderr.count("\n") == 1, done.stderr
+    assert done.stderr.startswith("error: --compile inductor: torch cannot make its compile cache folder"), done.stderr

@@ -16,6 +16,7 @@ pointed to, not compiled again.
 import hashlib
 import os
 import tempfile
+import warnings
 from pathlib import Path
 
 import torch
@@ -84,7 +85,7 @@ class AheadOfTimeStep:
     def __init__(self, options: dict):
         self.options = options
         self.runner = None
-        self.shapes = None  # (model, token, kv_start and cache shapes) the runner was compiled for
+        self.shapes = None  # (model, cache and input shapes) the runner was compiled for
         self.cache = None  # the cache whose tensors the runner reads
 
     @staticmethod
@@ -98,22 +99,23 @@ class AheadOfTimeStep:
         return not any(isinstance(m, (PackedLinear, Int4Linear)) for m in model.modules())
 
     def __call__(self, model, token, kv_start, cache):
-        shapes = (model, token.shape, None if kv_start is None else kv_start.shape, cache.k[0].shape, len(cache.k))
-        if self.shapes is None or any(a is not b and a != b for a, b in zip(shapes, self.shapes)):
-            self._compile(model, token, kv_start, cache)
+        inputs = (token, cache.pos) if kv_start is None else (token, cache.pos, kv_start)
+        shapes = (model, len(cache.k), cache.k[0].shape, *(t.shape for t in inputs))
+        if shapes != self.shapes:  # (a model compares by identity)
+            self._compile(model, cache, inputs)
             self.shapes, self.cache = shapes, cache
         elif cache is not self.cache:  # same shapes: read this cache's tensors instead
             self.runner.load_constants(cache_tensors(cache), check_full_update=False, user_managed=True)
             self.cache = cache
-        inputs = (token, cache.pos) if kv_start is None else (token, cache.pos, kv_start)
         return self.runner(*inputs)
 
-    def _compile(self, model, token, kv_start, cache):
+    def _compile(self, model, cache, inputs):
         module = StepModule(model, cache)
-        inputs = (token, cache.pos) if kv_start is None else (token, cache.pos, kv_start)
         try:
-            program = torch.export.export(module, inputs, strict=False)
-            self.runner = torch._inductor.aoti_load_package(str(compiled_package(program, self.options)))
+            with warnings.catch_warnings():  # torch's own pytree deprecation, printed at every load
+                warnings.filterwarnings("ignore", message=".*LeafSpec", category=FutureWarning)
+                program = torch.export.export(module, inputs, strict=False)
+                self.runner = torch._inductor.aoti_load_package(str(compiled_package(program, self.options)))
         except Exception as e:  # e.g. no C++ compiler: one line, not inductor's pages
             first_line = (str(e).strip().splitlines() or [""])[0][:300]
             raise UserError(f"compiling the decode step ahead of time (AOTInductor) failed "

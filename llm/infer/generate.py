@@ -79,7 +79,11 @@ def decode_one(model, token: torch.Tensor, kv_start: torch.Tensor | None, cache:
 
 
 def check_compile_backend(backend: str):
-    import torch._dynamo
+    try:
+        import torch._dynamo
+    except OSError as e:  # e.g. TORCHINDUCTOR_CACHE_DIR names a file: made at import
+        raise UserError(f"--compile {backend}: torch cannot make its compile cache folder ({e}); "
+                        f"see TORCHINDUCTOR_CACHE_DIR")
 
     available = torch._dynamo.list_backends(exclude_tags=())
     if backend not in available:

@@ -156,6 +156,15 @@ def test_compile_backend_must_exist(capsys):
     assert err.startswith("error: --compile nonsense: not a torch.compile backend (available: ") and "inductor" in err
 
 
+def tiny_checkpoint(folder):
+    """A run directory sample.py loads: a tiny model, its config and a trained tokenizer."""
+    tokenizer = Tokenizer.train(["def f(x):\n    return x\n"] * 20, vocab_size=280)
+    model = tiny_model(0, dtype=torch.float32, vocab_size=tokenizer.vocab_size)
+    save_file(model.state_dict(), folder / "model.safetensors")
+    (folder / "config.json").write_text(json.dumps(model.config.__dict__))
+    tokenizer.save(folder / "tokenizer.json")
+
+
 def test_compile_failure_is_one_line(tmp_path, capsys):
     """A backend that fails (as inductor does on a machine without a C++ compiler): one line, exit 2."""
 
@@ -163,11 +172,7 @@ def test_compile_failure_is_one_line(tmp_path, capsys):
     def fails(graph, example_inputs):
         raise RuntimeError("no compiler here\nsecond line")
 
-    tokenizer = Tokenizer.train(["def f(x):\n    return x\n"] * 20, vocab_size=280)
-    model = tiny_model(0, dtype=torch.float32, vocab_size=tokenizer.vocab_size)
-    save_file(model.state_dict(), tmp_path / "model.safetensors")
-    (tmp_path / "config.json").write_text(json.dumps(model.config.__dict__))
-    tokenizer.save(tmp_path / "tokenizer.json")
+    tiny_checkpoint(tmp_path)
     with pytest.raises(SystemExit) as exit_info:
         sample_main(["--ckpt", str(tmp_path), "--prompt", "x", "--max_new_tokens", "3",
                      "--compile", "fails_for_this_test"])
@@ -187,11 +192,7 @@ def test_ahead_of_time_compile_failure_is_one_line(tmp_path, capsys, monkeypatch
 
     monkeypatch.setattr(torch._inductor.runtime.cache_dir_utils, "cache_dir", lambda: str(tmp_path / "cache"))
     monkeypatch.setattr(torch._inductor, "aoti_compile_and_package", fails)
-    tokenizer = Tokenizer.train(["def f(x):\n    return x\n"] * 20, vocab_size=280)
-    model = tiny_model(0, dtype=torch.float32, vocab_size=tokenizer.vocab_size)
-    save_file(model.state_dict(), tmp_path / "model.safetensors")
-    (tmp_path / "config.json").write_text(json.dumps(model.config.__dict__))
-    tokenizer.save(tmp_path / "tokenizer.json")
+    tiny_checkpoint(tmp_path)
     with pytest.raises(SystemExit) as exit_info:
         sample_main(["--ckpt", str(tmp_path), "--prompt", "x", "--max_new_tokens", "3", "--compile"])
     err = capsys.readouterr().err

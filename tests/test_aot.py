@@ -39,11 +39,11 @@ def test_ahead_of_time_step_equals_eager_with_left_padding_and_a_new_cache(seed)
     assert isinstance(step.step, AheadOfTimeStep) and step.step.runner is runner
 
 
-def test_packed_and_int4_models_stay_on_torch_compile(seed, monkeypatch):
+def test_packed_models_stay_on_torch_compile(seed, monkeypatch):
     model = tiny_model(seed, dtype=torch.float32, d_model=64)
     assert AheadOfTimeStep.supports(for_decoding(copy.deepcopy(model), None, "inductor", batch_size=1))
     assert AheadOfTimeStep.supports(for_decoding(copy.deepcopy(model), "int8", "inductor", batch_size=1))
-    assert not AheadOfTimeStep.supports(for_decoding(copy.deepcopy(model), "int4", "inductor", batch_size=1))
+    assert AheadOfTimeStep.supports(for_decoding(copy.deepcopy(model), "int4", "inductor", batch_size=1))
     if torch.backends.mkldnn.is_available():
         monkeypatch.setitem(llm.infer.quantize.MIN_PACKED_BYTES, torch.float32, 0)
         packed = for_decoding(copy.deepcopy(model), None, "inductor", batch_size=8)  # batches: oneDNN

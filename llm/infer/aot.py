@@ -90,13 +90,11 @@ class AheadOfTimeStep:
 
     @staticmethod
     def supports(model) -> bool:
-        """Whether every tensor the compiled step reads is one the runner can be given. Not so with
-        a layer packed for oneDNN (reached through a Python custom op, which AOTInductor's C++
-        cannot call), nor with int4 (its lowering makes the group size a tensor constant of its own,
-        which a package without its constants lacks): such models stay on torch.compile."""
-        from llm.infer.quantize import Int4Linear, PackedLinear
+        """Not with a layer packed for oneDNN: it is reached through a Python custom op, which
+        AOTInductor's C++ cannot call; such models stay on torch.compile."""
+        from llm.infer.quantize import PackedLinear
 
-        return not any(isinstance(m, (PackedLinear, Int4Linear)) for m in model.modules())
+        return not any(isinstance(m, PackedLinear) for m in model.modules())
 
     def __call__(self, model, token, kv_start, cache):
         inputs = (token, cache.pos) if kv_start is None else (token, cache.pos, kv_start)

@@ -209,10 +209,15 @@ class Int4Linear(nn.Module):
         # (groups, out, 2): the kernel's layout, in the dtype of its activations
         self.register_buffer("scales_and_offsets", torch.stack([scale.t(), offset.t()], -1).to(KERNEL_DTYPE).contiguous())
         self.register_buffer("bias", None if bias is None else bias.detach().clone())
+        # The kernel's entry that takes the group size as a tensor: a step compiled ahead of time
+        # then reads this buffer, where the int entry's lowering makes a constant of its own that a
+        # package without constants lacks (llm/infer/aot.py). One element, not a 0-d tensor, which
+        # inductor would also turn into a constant.
+        self.register_buffer("group_size_tensor", torch.tensor([group_size]))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         flat = x.reshape(-1, x.size(-1)).to(KERNEL_DTYPE).contiguous()  # the kernel reads rows densely
-        y = torch.ops.aten._weight_int4pack_mm_for_cpu(flat, self.weight, self.group_size, self.scales_and_offsets)
+        y = torch.ops.quantized.int4mm_packed_weight_cpu(flat, self.weight, self.group_size_tensor, self.scales_and_offsets)
         y = y.to(x.dtype)
         if self.bias is not None:
             y = y + self.bias

@@ -76,3 +76,16 @@ def test_packages_are_kept_by_key_and_written_whole(tmp_path, monkeypatch, seed)
     with pytest.raises(RuntimeError):
         compiled_package(program, {"fail": True})
     assert sorted(p.name for p in first.parent.iterdir()) == sorted([first.name, compiled_package(program, {"a": 2}).name])
+
+
+@needs_compiler
+@pytest.mark.parametrize("quantize", ["int8", "int4"])
+def test_ahead_of_time_batch_equals_eager(quantize, seed):
+    """Rows of a batch go through PyTorch's int8 and int4 kernels (the server's slots, sample.py's
+    prompts): the compiled step calls the same kernels as the eager one, so its tokens are the same."""
+    model = tiny_model(seed, dtype=torch.float32, n_layer=1, d_model=64, vocab_size=128)
+    prepared = for_decoding(model, quantize, "inductor", batch_size=2)
+    prompts = [torch.randint(0, 128, (n,)).tolist() for n in (5, 3)]
+    step = CompiledStep("inductor")
+    assert torch.equal(greedy(prepared, prompts, step), greedy(prepared, prompts))
+    assert isinstance(step.step, AheadOfTimeStep)

@@ -27,8 +27,8 @@ matrix-vector products stream their weights. `for_decoding` picks a format per l
   a batch in bf16: the two can differ slightly.
 - int4 (`quantize="int4"`, CPU only), an eighth of fp32's bytes plus a bf16 scale and offset per
   group of INT4_GROUP_SIZE inputs: w ≈ (q - 8) · scale + offset, q in 0..15 (the group's min and
-  max map to 0 and 15). The product is PyTorch's CPU int4 kernel (aten._weight_int4pack_mm_for_cpu)
-  with bf16 activations (far slower with fp32 ones), eager and compiled: an inductor loop that
+  max map to 0 and 15). The product is PyTorch's CPU int4 kernel (quantized::int4mm_packed_weight_cpu,
+  aten._weight_int4pack_mm_for_cpu's entry with the group size as a tensor) with bf16 activations (far slower with fp32 ones), eager and compiled: an inductor loop that
   unpacks the 4-bit pairs itself is slower (its per-weight arithmetic, not the memory, is the
   limit). Layers whose shapes the kernel cannot take (inputs not a multiple
   of the group size, outputs not a multiple of 16) are int8 instead, as llama.cpp's quantizer

@@ -1,11 +1,13 @@
 """The decode step compiled ahead of time on CPU (llm/infer/aot.py): exact against the eager step,
 reading the caches it is given, its packages kept under a key and written whole."""
 import copy
+import os
 import shutil
 
 import pytest
 import torch
 
+import llm.infer.aot
 import llm.infer.quantize
 from llm.infer.aot import AheadOfTimeStep, compiled_package, package_key
 from llm.infer.generate import CompiledStep, Sampling, generate
@@ -76,6 +78,13 @@ def test_packages_are_kept_by_key_and_written_whole(tmp_path, monkeypatch, seed)
     with pytest.raises(RuntimeError):
         compiled_package(program, {"fail": True})
     assert sorted(p.name for p in first.parent.iterdir()) == sorted([first.name, compiled_package(program, {"a": 2}).name])
+    # the folder keeps the packages used last: {"a": 1} is used again, so {"a": 2} goes first
+    monkeypatch.setattr(llm.infer.aot, "KEPT_PACKAGES", 2)
+    os.utime(first, (0, 0))
+    os.utime(compiled_package(program, {"a": 2}), (1, 1))
+    compiled_package(program, {"a": 1})  # used now
+    third = compiled_package(program, {"a": 3})
+    assert sorted(p.name for p in first.parent.iterdir()) == sorted([first.name, third.name]) and len(calls) == 4
 
 
 @needs_compiler

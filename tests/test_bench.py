@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from llm.bench.decode import quantization_quality
-from llm.bench.decode_peers import build_hf_dir, llama2_style_tokenizer, llama_cpp_missing
+from llm.bench.decode_peers import Engine, alternate, build_hf_dir, llama2_style_tokenizer, llama_cpp_missing
 from llm.bench.speedrun import RECIPES, parse_recipe, summarize
 from llm.errors import UserError
 from tests.helpers import tiny_model
@@ -108,6 +108,34 @@ def test_stand_in_tokenizer_has_exactly_the_vocabulary(vocab_size):
     assert tokenizer.decode(tokenizer.encode(text).ids) == text
 
 
+def test_ratio_to_llama_cpp_pairs_each_round(monkeypatch):
+    """The speed against llama.cpp is the median of each round's ratio: a machine that slows down
+    between rounds (as a shared VM does) moves the medians of the times, not the ratio."""
+    import llm.bench.decode_peers as peers
+
+    clock = [0.0]
+    monkeypatch.setattr(peers.time, "perf_counter", lambda: clock[0])
+
+    def engine(name, precision, ms_per_call):  # one token interval per call, warm-up first
+        calls = iter(ms_per_call)
+
+        def run(prompt, n):
+            ms, times = next(calls), []
+            for _ in range(n):
+                clock[0] += ms / 1e3
+                times.append(clock[0])
+            return list(range(n)), times
+        return Engine(name, precision, 1000, run)
+
+    # rounds 3 and 4 are slow for llama.cpp's run only; the ratio of medians would say 2.5x
+    rows = alternate([engine("ours, compiled", "int8", [4, 4, 8, 8, 4, 4]),
+                      engine("llama.cpp, q8_0", "int8", [5, 5, 10, 10, 10, 10]),
+                      engine("ours, compiled", "fp32", [9] * 6)], [1, 2], 9, repeats=5)
+    assert rows[0]["steady_ms_per_token"] == pytest.approx(4) and rows[1]["steady_ms_per_token"] == pytest.approx(10)
+    assert rows[0]["speed_vs_llama_cpp"] == pytest.approx(1.25)
+    assert "speed_vs_llama_cpp" not in rows[1] and "speed_vs_llama_cpp" not in rows[2]  # no fp32 peer
+
+
 def test_decode_benchmark_against_peers(tmp_path):
     """--peers end to end on a tiny Hugging Face directory made by transformers' classes: ours (eager and
     compiled with aot_eager, fp32 and int8) and transformers' eager generate, fp32 tokens identical; the
@@ -131,11 +159,15 @@ def test_decode_benchmark_against_peers(tmp_path):
     for r in peers["rows"]:
         assert r["steady_tokens_per_s"] == pytest.approx(1e3 / r["steady_ms_per_token"])
         assert r["weight_gbps"] == pytest.approx(r["weight_bytes"] / r["steady_ms_per_token"] / 1e6)
+        assert len(r["steady_ms_per_round"]) == 1 and r["percent_of_read"] > 0  # one round, its own bandwidth
+    assert len(peers["read_bandwidth_per_round"]) == 1
     missing = llama_cpp_missing(os.environ.get("LLAMA_CPP_DIR"))
     if missing:
         assert peers["notes"] == [f"llama.cpp side skipped: {missing}"] and f"skipped: {missing}" in result.stdout
     else:
         assert rows[("llama.cpp, f32", "fp32")]["identical_tokens"] and ("llama.cpp, q8_0", "int8") in rows
+        ours, theirs = rows[("ours, compiled", "int8")], rows[("llama.cpp, q8_0", "int8")]
+        assert ours["speed_vs_llama_cpp"] == pytest.approx(theirs["steady_ms_per_token"] / ours["steady_ms_per_token"])
 
 
 def test_unknown_benchmark_is_one_line():

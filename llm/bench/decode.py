@@ -25,6 +25,7 @@ import time
 from pathlib import Path
 
 import torch
+import torch.nn as nn
 import torch.nn.functional as F
 
 from llm.bench import machine, sync
@@ -33,8 +34,9 @@ from llm.files import write_json
 from llm.errors import ArgumentParser, UserError
 from llm.infer.generate import CompiledStep, Sampling, check_compile_backend, decode_one, generate
 from llm.model.transformer import Transformer
-from llm.infer.quantize import (METHODS, bytes_per_step, check_method, Int8Linear, PackedLinear, TransposedLinear,
-                                 for_decoding, streamed_product)
+from llm.infer.hugepages import into_huge_pages
+from llm.infer.quantize import (METHODS, bytes_per_step, check_method, Int8Linear, PackedLinear, StreamedLinear,
+                                 TransposedLinear, for_decoding, streamed_product)
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -61,13 +63,16 @@ def read_bandwidth(device, dtype, quantized: bool, compile_backend: str | None =
     n, k = 8192, 8192 if dtype == torch.float32 and not quantized else 16384
     w = torch.randn(n, k, device=device).to(dtype)
     x = torch.randn(1, k, device=device, dtype=dtype)
-    layers = [Int8Linear(w)] if quantized else [TransposedLinear(w), lambda x: F.linear(x, w)]
-    if not quantized and PackedLinear.supports(w):
-        layers.append(PackedLinear(w))
+    layers = [Int8Linear(w)] if quantized else [TransposedLinear(w), StreamedLinear(w)]
+    into_huge_pages(nn.ModuleList(layers))  # where the decoding formats keep their weights
+    w = layers[0].weight if quantized else layers[1].weight
+    if not quantized:
+        layers[1] = lambda x: F.linear(x, w)
+        if PackedLinear.supports(w):
+            layers.append(PackedLinear(w))
     nbytes = layers[0].weight.nbytes + layers[0].kernel_scales.nbytes if quantized else w.nbytes
     if compile_backend == "inductor" and device.type == "cpu":
-        stored = layers[0].weight if quantized else w
-        layers.append(torch.compile(lambda x: streamed_product(x, stored), fullgraph=True))
+        layers.append(torch.compile(lambda x: streamed_product(x, w), fullgraph=True))
     return max(nbytes / median_seconds(lambda: layer(x), device, repeats) / 1e9 for layer in layers)
 
 

@@ -174,6 +174,7 @@ class Engine:
     precision: str
     weight_bytes: int
     run: Callable[[list[int], int], tuple[list[int], list[float]]]
+    close: Callable[[], None] = lambda: None  # frees what the engine holds outside Python
 
 
 def ours(model, step) -> Callable:
@@ -219,7 +220,9 @@ def transformers_run(hf_dir: Path, compiled: bool) -> Callable:
     return run
 
 
-def llama_cpp_run(path: Path, context: int) -> Callable:
+def llama_cpp_run(path: Path, context: int) -> tuple[Callable, Callable]:
+    """llama.cpp's run and its close: freed before the interpreter exits, not by llama_cpp's
+    destructor at exit (which raises there, its module already torn down)."""
     import llama_cpp
 
     threads = torch.get_num_threads()
@@ -236,7 +239,7 @@ def llama_cpp_run(path: Path, context: int) -> Callable:
             if len(tokens) == n:
                 break
         return tokens, times
-    return run
+    return run, model.close
 
 
 # --------------------------------------------------------------------------- timing
@@ -249,21 +252,41 @@ def timed(engine: Engine, prompt: list[int], n: int) -> dict:
     return {"tokens": tokens, "whole_tokens_per_s": len(tokens) / whole, "steady_ms_per_token": 1e3 * steady}
 
 
-def alternate(engines: list[Engine], prompt: list[int], n: int, repeats: int) -> list[dict]:
-    """Each engine once to warm up (and compile), then `repeats` rounds, engine after engine; medians."""
+def alternate(engines: list[Engine], prompt: list[int], n: int, repeats: int,
+              read_bandwidth: Callable[[], dict] | None = None) -> list[dict]:
+    """Each engine once to warm up (and compile), then `repeats` rounds, engine after engine;
+    medians. With read_bandwidth (precision -> GB/s, measured at the start of each round), a row's
+    share of it is the median of its rounds' shares. A row of ours also gets its speed against
+    llama.cpp's first format of the same precision as the median of the rounds' ratios: the
+    engines of one precision run back to back, so a ratio compares two runs a second apart, robust
+    to a shared machine's drift between rounds (which medians of each engine alone are not)."""
     first = [timed(e, prompt, n) for e in engines]
-    runs = [[] for _ in engines]
+    runs, bandwidths = [[] for _ in engines], []
     for _ in range(repeats):
+        if read_bandwidth:
+            bandwidths.append(read_bandwidth())
         for e, times in zip(engines, runs):
             times.append(timed(e, prompt, n))
+    peer = {}  # precision -> llama.cpp's steady ms per round
+    for e, times in zip(engines, runs):
+        if e.name.startswith("llama.cpp"):
+            peer.setdefault(e.precision, [r["steady_ms_per_token"] for r in times])
     rows = []
     for e, times, warm in zip(engines, runs, first):
-        whole = statistics.median(r["whole_tokens_per_s"] for r in times)
-        steady = statistics.median(r["steady_ms_per_token"] for r in times)
-        rows.append({"engine": e.name, "precision": e.precision, "whole_tokens_per_s": whole,
-                     "steady_ms_per_token": steady, "steady_tokens_per_s": 1e3 / steady,
-                     "weight_bytes": e.weight_bytes, "weight_gbps": e.weight_bytes / steady / 1e6,
-                     "tokens": warm["tokens"]})
+        per_round = [r["steady_ms_per_token"] for r in times]
+        steady = statistics.median(per_round)
+        row = {"engine": e.name, "precision": e.precision,
+               "whole_tokens_per_s": statistics.median(r["whole_tokens_per_s"] for r in times),
+               "steady_ms_per_token": steady, "steady_tokens_per_s": 1e3 / steady, "steady_ms_per_round": per_round,
+               "weight_bytes": e.weight_bytes, "weight_gbps": e.weight_bytes / steady / 1e6, "tokens": warm["tokens"]}
+        if bandwidths:
+            kind = "fp32" if e.precision == "fp32" else "int8"
+            row["percent_of_read"] = statistics.median(
+                100 * e.weight_bytes / ms / 1e6 / b[kind] for ms, b in zip(per_round, bandwidths))
+        if e.name.startswith("ours") and e.precision in peer:
+            ratios = [theirs / ms for theirs, ms in zip(peer[e.precision], per_round)]
+            row["speed_vs_llama_cpp"], row["speed_vs_llama_cpp_per_round"] = statistics.median(ratios), ratios
+        rows.append(row)
     return rows
 
 
@@ -310,7 +333,7 @@ def peer_engines(hf_dir: Path, methods: list[str], args, out: Path, fp32_bytes: 
     for name, path in gguf_files(hf_dir, out, args.llama_cpp, methods).items():
         method = next(m for m, formats in GGUF_FORMATS.items() if name in dict(formats))
         engines.append(Engine(f"llama.cpp, {name}", PRECISION[method], gguf_weight_bytes(path),
-                              llama_cpp_run(path, context)))
+                              *llama_cpp_run(path, context)))
     return engines, notes
 
 
@@ -341,18 +364,26 @@ def compare_peers(args, read_gbps: Callable[[bool], float]) -> dict:
         for note in notes:
             print(note)
         prompt = torch.randint(3, c.vocab_size, (args.prompt_len,), generator=torch.Generator().manual_seed(0)).tolist()
-        # measured before and after the engines (a shared machine's bandwidth drifts); the higher counts
-        before = {"fp32": read_gbps(False), "int8": read_gbps(True)}
-        rows = alternate(peers[:1] + engines + peers[1:], prompt, args.new_tokens, args.repeats)
-        after = {"fp32": read_gbps(False), "int8": read_gbps(True)}
-    bandwidth = {kind: max(before[kind], after[kind]) for kind in before}
-    for row in rows:
-        row["percent_of_read"] = 100 * row["weight_gbps"] / bandwidth["int8" if row["precision"] != "fp32" else "fp32"]
+        order = ["fp32", "int8", "int4"]  # one precision's engines back to back: transformers, ours, llama.cpp
+        transformers_engines = [e for e in peers if e.name.startswith("transformers")]
+        llama_cpp_engines = [e for e in peers if e not in transformers_engines]
+        engines = sorted(transformers_engines + engines + llama_cpp_engines, key=lambda e: order.index(e.precision))
+        # the read bandwidth at the start of every round: a shared machine's drifts with its neighbours
+        bandwidths = []
+
+        def read_bandwidth() -> dict:
+            bandwidths.append({"fp32": read_gbps(False), "int8": read_gbps(True)})
+            return bandwidths[-1]
+        try:
+            rows = alternate(engines, prompt, args.new_tokens, args.repeats, read_bandwidth)
+        finally:
+            for engine in engines:
+                engine.close()
+    bandwidth = {kind: statistics.median(b[kind] for b in bandwidths) for kind in bandwidths[0]}
     mark_agreement(rows)
     print_table(rows, bandwidth, args)
     return {"model": args.peers, "prompt_len": args.prompt_len, "new_tokens": args.new_tokens,
-            "read_bandwidth_gbps": bandwidth, "read_bandwidth_before_after": [before, after], "notes": notes,
-            "rows": rows}
+            "read_bandwidth_gbps": bandwidth, "read_bandwidth_per_round": bandwidths, "notes": notes, "rows": rows}
 
 
 def mark_agreement(rows: list[dict]):
@@ -368,12 +399,14 @@ def mark_agreement(rows: list[dict]):
 
 def print_table(rows: list[dict], bandwidth: dict, args):
     print(f"\nbatch 1, greedy, prompt {args.prompt_len} tokens, {args.new_tokens} new, {torch.get_num_threads()} "
-          f"threads; read bandwidth {bandwidth['fp32']:.1f} GB/s (fp32 matrix-vector product, the higher of before "
-          f"and after), {bandwidth['int8']:.1f} (int8); tokens compared with {rows[0]['reference']}")
+          f"threads; read bandwidth {bandwidth['fp32']:.1f} GB/s (fp32 matrix-vector product, median of the rounds' "
+          f"measurements; of read: median of each round's share), {bandwidth['int8']:.1f} (int8); tokens compared "
+          f"with {rows[0]['reference']}")
     print(f"{'engine':<38} {'precision':>9} {'whole tok/s':>11} {'steady ms':>9} {'tok/s':>7} {'weights MB':>10} "
-          f"{'GB/s':>6} {'of read':>7}  tokens")
+          f"{'GB/s':>6} {'of read':>7} {'vs llama.cpp':>12}  tokens")
     for r in rows:
         same = "identical" if r["identical_tokens"] else f"differ from #{r['first_difference']}"
+        ratio = f"{r['speed_vs_llama_cpp']:.2f}x" if "speed_vs_llama_cpp" in r else ""
         print(f"{r['engine']:<38} {r['precision']:>9} {r['whole_tokens_per_s']:>11.1f} {r['steady_ms_per_token']:>9.2f} "
               f"{r['steady_tokens_per_s']:>7.1f} {r['weight_bytes'] / 1e6:>10.1f} {r['weight_gbps']:>6.1f} "
-              f"{r['percent_of_read']:>6.0f}%  {same}", flush=True)
+              f"{r['percent_of_read']:>6.0f}% {ratio:>12}  {same}", flush=True)

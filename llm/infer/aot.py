@@ -9,8 +9,8 @@ compiled package: the runner reads the model's and the cache's own tensors (`use
 so an eager prefill and the step share one cache.
 
 A package depends only on the exported graph (shapes, dtypes, ops) and the options, so it is
-kept in inductor's cache folder under that key: the same model at the same sizes compiles once
-per machine. A step serves one model at one set of shapes; a new cache of the same shapes is
+kept in inductor's cache folder under that key (the KEPT_PACKAGES used last): the same model at
+the same sizes compiles once per machine. A step serves one model at one set of shapes; a new cache of the same shapes is
 pointed to, not compiled again.
 """
 import hashlib
@@ -24,6 +24,8 @@ import torch.nn as nn
 
 from llm.errors import UserError
 from llm.infer.kv_cache import KVCache
+
+KEPT_PACKAGES = 32
 
 
 class StepModule(nn.Module):
@@ -60,23 +62,39 @@ def package_key(program, options: dict) -> str:
 
 def compiled_package(program, options: dict) -> Path:
     """The AOTInductor package of an exported program: from the cache folder, or compiled into it
-    (in a temporary file moved in whole, so that two processes never read half a package)."""
+    (in a temporary file moved in whole, so that two processes never read half a package). The
+    folder keeps the KEPT_PACKAGES used last (a package is a few MB, one per model, dtype, batch
+    and cache length: a sample.py run with a new --max_new_tokens makes one)."""
     from torch._inductor.runtime.cache_dir_utils import cache_dir
 
     folder = Path(cache_dir()) / "llm_toolkit_aot"
     path = folder / f"{package_key(program, options)}.pt2"
-    if not path.exists():
-        folder.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=folder, prefix="partial-", suffix=".pt2")
-        os.close(fd)
-        try:
-            torch._inductor.aoti_compile_and_package(
-                program, package_path=tmp, inductor_configs={**options, "aot_inductor.package_constants_in_so": False})
-            os.replace(tmp, path)
-        finally:
-            if os.path.exists(tmp):
-                os.remove(tmp)
+    if path.exists():
+        path.touch()  # its modification time says when it was used last
+        return path
+    folder.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix="partial-", suffix=".pt2")
+    os.close(fd)
+    try:
+        torch._inductor.aoti_compile_and_package(
+            program, package_path=tmp, inductor_configs={**options, "aot_inductor.package_constants_in_so": False})
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    prune(folder, KEPT_PACKAGES)
     return path
+
+
+def prune(folder: Path, keep: int):
+    """Delete all but the `keep` packages used last (another process may be pruning too)."""
+    def last_used(package: Path) -> float:
+        try:
+            return package.stat().st_mtime
+        except FileNotFoundError:
+            return 0.0
+    for old in sorted(folder.glob("[0-9a-f]*.pt2"), key=last_used)[:-keep]:
+        old.unlink(missing_ok=True)
 
 
 class AheadOfTimeStep:

@@ -36,7 +36,8 @@ matrix-vector products stream their weights. `for_decoding` picks a format per l
 
 The output head is converted too (with tied embeddings, a converted copy of the embedding, except
 in the streamed float format, which shares it; the lookup stays as it is), and SwiGLU's gate and
-up projections become one stacked layer (llm.model.FeedForward).
+up projections become one stacked layer (llm.model.FeedForward). On CPU the weights are then
+moved into memory backed by 2 MB pages (llm/infer/hugepages.py).
 """
 import itertools
 import weakref
@@ -46,6 +47,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from llm.errors import UserError
+from llm.infer.hugepages import into_huge_pages
 
 METHODS = ("int8", "int4")
 KERNEL_DTYPE = torch.bfloat16  # activations through PyTorch's int8 and int4 CPU kernels
@@ -269,6 +271,7 @@ def for_decoding(model: nn.Module, quantize: str | None = None, compile_backend:
                 setattr(module, name, convert(child.weight, child.bias))
     if model.output is None:  # tied: the head gets its own converted copy of the embedding (or shares it)
         model.output = convert(model.tok_embeddings.weight)
+    into_huge_pages(model)  # on CPU: streamed through 2 MB pages, fewer TLB misses (llm/infer/hugepages.py)
     return model
 
 

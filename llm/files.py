@@ -120,10 +120,16 @@ def lock(path: Path, wait: bool) -> Lock | None:
     return Lock(fd)
 
 
-def lock_holder(path: Path) -> str:
-    """Who holds the lock on `path`, as its holder recorded it."""
-    try:
-        holder = json.loads(Path(path).read_text())
-        return f"host {holder['host']}, pid {holder['pid']}, since {holder['since']}"
-    except (OSError, ValueError, KeyError, TypeError):
-        return "holder not recorded yet"
+def lock_holder(path: Path, patience: float = 1.0) -> str:
+    """Who holds the lock on `path`, as its holder recorded it. A holder records itself just after
+    it takes the lock, so an empty record is read again for up to `patience` seconds (two launches
+    at once find each other within microseconds)."""
+    deadline = time.monotonic() + patience
+    while True:
+        try:
+            holder = json.loads(Path(path).read_text())
+            return f"host {holder['host']}, pid {holder['pid']}, since {holder['since']}"
+        except (OSError, ValueError, KeyError, TypeError):
+            if time.monotonic() >= deadline:
+                return "holder not recorded yet"
+            time.sleep(0.01)

@@ -154,6 +154,23 @@ def test_checkpoint_killed_midway_leaves_previous_loadable(tmp_path):
         last = step
 
 
+def test_lock_holder_waits_for_a_holder_that_has_not_recorded_itself_yet(tmp_path):
+    """Two launches at once: the loser can read the lock file between the winner's flock and its
+    record. It reads again for a moment and names the holder; a record that never comes is said so."""
+    import threading
+
+    from llm.files import lock, lock_holder
+
+    path = tmp_path / "lock"
+    held = lock(path, wait=False)
+    assert lock(path, wait=False) is None  # taken
+    assert lock_holder(path, patience=0) == "holder not recorded yet"
+    threading.Timer(0.2, held.write_holder).start()
+    assert lock_holder(path) == lock_holder(path, patience=0)  # waited for the record
+    assert f"pid {os.getpid()}" in lock_holder(path, patience=0)
+    held.release()
+
+
 def test_one_run_per_out_dir_and_a_killed_holder_blocks_nothing(corpus, cache_dir, tmp_path):
     """Two identical launches at once: one trains, the other stops with one line naming it (host, pid,
     since) and touching nothing; once the holder is SIGKILLed, the requeued command continues the run."""

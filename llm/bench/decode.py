@@ -34,9 +34,9 @@ from llm.files import write_json
 from llm.errors import ArgumentParser, UserError
 from llm.infer.generate import CompiledStep, Sampling, check_compile_backend, decode_one, generate
 from llm.model.transformer import Transformer
-from llm.infer.hugepages import into_huge_pages
-from llm.infer.quantize import (METHODS, bytes_per_step, check_method, Int8Linear, PackedLinear, StreamedLinear,
-                                 TransposedLinear, for_decoding, streamed_product)
+from llm.infer import hugepages
+from llm.infer.quantize import (METHODS, bytes_per_step, check_method, Int8Linear, PackedLinear, TransposedLinear,
+                                 for_decoding, streamed_product)
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -63,16 +63,16 @@ def read_bandwidth(device, dtype, quantized: bool, compile_backend: str | None =
     n, k = 8192, 8192 if dtype == torch.float32 and not quantized else 16384
     w = torch.randn(n, k, device=device).to(dtype)
     x = torch.randn(1, k, device=device, dtype=dtype)
-    layers = [Int8Linear(w)] if quantized else [TransposedLinear(w), StreamedLinear(w)]
-    into_huge_pages(nn.ModuleList(layers))  # where the decoding formats keep their weights
-    w = layers[0].weight if quantized else layers[1].weight
-    if not quantized:
-        layers[1] = lambda x: F.linear(x, w)
-        if PackedLinear.supports(w):
-            layers.append(PackedLinear(w))
+    if device.type == "cpu" and hugepages.available():  # where the decoding formats keep their weights
+        [w] = hugepages.huge_page_copies([w])
+    layers = [Int8Linear(w)] if quantized else [TransposedLinear(w), lambda x: F.linear(x, w)]
+    if not quantized and PackedLinear.supports(w):
+        layers.append(PackedLinear(w))
+    hugepages.into_huge_pages(nn.ModuleList(layer for layer in layers if isinstance(layer, nn.Module)))
     nbytes = layers[0].weight.nbytes + layers[0].kernel_scales.nbytes if quantized else w.nbytes
     if compile_backend == "inductor" and device.type == "cpu":
-        layers.append(torch.compile(lambda x: streamed_product(x, w), fullgraph=True))
+        stored = layers[0].weight if quantized else w
+        layers.append(torch.compile(lambda x: streamed_product(x, stored), fullgraph=True))
     return max(nbytes / median_seconds(lambda: layer(x), device, repeats) / 1e9 for layer in layers)
 
 

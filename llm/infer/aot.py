@@ -10,8 +10,8 @@ so an eager prefill and the step share one cache.
 
 A package depends only on the exported graph (shapes, dtypes, ops) and the options, so it is
 kept in inductor's cache folder under that key (the KEPT_PACKAGES used last): the same model at
-the same sizes compiles once per machine. A step serves one model at one set of shapes; a new cache of the same shapes is
-pointed to, not compiled again.
+the same sizes compiles once per machine. A step serves one model at one set of shapes; a new
+cache of the same shapes is pointed to, not compiled again.
 """
 import hashlib
 import os

@@ -39,6 +39,16 @@ def huge_page_bytes(nbytes: int) -> torch.Tensor:
     return memory[start:start + nbytes]
 
 
+def huge_page_copies(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Copies of these CPU tensors side by side in one huge-page mapping, each on a 64-byte line."""
+    sizes = [-(-tensor.nbytes // ALIGNMENT) * ALIGNMENT for tensor in tensors]
+    memory, offset, copies = huge_page_bytes(sum(sizes)), 0, []
+    for tensor, size in zip(tensors, sizes):
+        copies.append(memory[offset:offset + tensor.nbytes].view(tensor.dtype).view(tensor.shape).copy_(tensor))
+        offset += size
+    return copies
+
+
 def into_huge_pages(model: nn.Module) -> int:
     """Copy the model's dense CPU parameters and buffers into one huge-page mapping, in place
     (tensors shared by several modules stay shared); returns the bytes moved, 0 where the system
@@ -53,16 +63,11 @@ def into_huge_pages(model: nn.Module) -> int:
                     groups.setdefault(key, []).append((store, name, tensor))
     if not groups or not available():
         return 0
-    sizes = [-(-references[0][2].nbytes // ALIGNMENT) * ALIGNMENT for references in groups.values()]
-    memory, offset = huge_page_bytes(sum(sizes)), 0
-    for references, size in zip(groups.values(), sizes):
-        tensor = references[0][2]
-        moved = memory[offset:offset + tensor.nbytes].view(tensor.dtype).view(tensor.shape)
-        moved.copy_(tensor)
-        offset += size
+    copies = huge_page_copies([references[0][2] for references in groups.values()])
+    for references, moved in zip(groups.values(), copies):
         for store, name, reference in references:
             if isinstance(reference, nn.Parameter):
                 reference.data = moved
             else:
                 store[name] = moved
-    return sum(sizes)
+    return sum(moved.nbytes for moved in copies)

@@ -57,3 +57,15 @@ def test_nothing_moves_without_huge_pages(monkeypatch):
     pointers = [t.data_ptr() for t in model.state_dict().values()]
     assert into_huge_pages(model) == 0
     assert [t.data_ptr() for t in model.state_dict().values()] == pointers
+
+
+@needs_thp
+def test_no_memory_for_the_copy_leaves_the_weights_where_they_are(monkeypatch):
+    def refuse(*args, **kwargs):
+        raise OSError(12, "Cannot allocate memory")
+
+    monkeypatch.setattr(hugepages.mmap, "mmap", refuse)
+    model = tiny_model(0, dtype=torch.float32)
+    pointers = [t.data_ptr() for t in model.state_dict().values()]
+    assert into_huge_pages(model) == 0
+    assert [t.data_ptr() for t in model.state_dict().values()] == pointers

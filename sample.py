@@ -21,7 +21,7 @@ from llm.errors import ArgumentParser, HelpFormatter, UserError, exit_on_user_er
 from llm.formats.load import chat_template
 from llm.infer.chat import chat_prompt, read_conversation
 from llm.infer.generate import CompiledStep, Sampling, check_compile_backend, complete, decode_one, prompt_tokens
-from llm.infer.quantize import INT4_GROUP_SIZE, METHODS, check_method, for_decoding
+from llm.infer.quantize import INT4_GROUP_SIZE, METHODS, check_method, describe, for_decoding
 from llm.infer.viz import check_layer_and_head, save_attention_map
 from llm.model.chat import end_of_turn
 
@@ -168,7 +168,7 @@ def main(argv) -> int:
                 print("-" * 40)
         n_tokens = sum(len(r["ids"]) for r in results)
         how = ["no cache" if args.no_cache else "KV cache", f"device {device}", f"dtype {dtype}", runtime.threads()]
-        how += [compiled + ")"] * bool(args.compile) + [args.quantize] * bool(args.quantize)
+        how += [compiled + ")"] * bool(args.compile) + [describe(args.quantize)] * bool(args.quantize)
         print(f"{n_tokens} tokens in {seconds:.2f} s: {n_tokens / seconds:.1f} tokens/s "
               f"(batch {len(prompts)}, {', '.join(how)})", file=sys.stderr)
         if args.attention_png:

@@ -211,6 +211,13 @@ def test_sample_batch_and_stdin(run_dir, capsys, monkeypatch):
     assert out.count("import ") == 2 and out.count("-" * 40) == 4
 
 
+def test_sample_says_which_int4_kernel_and_why(run_dir, capsys):
+    from llm.infer import int4_kernel
+
+    assert sample_main(["--ckpt", str(run_dir), "--prompt", "x", "--max_new_tokens", "3", "--quantize", "int4"]) == 0
+    assert f"int4, kernel {int4_kernel.status()})" in capsys.readouterr().err  # e.g. "kernel vnni (ours, ...)"
+
+
 @pytest.mark.parametrize("extra, message", [
     (["--temperature", "-0.5"], "temperature must be >= 0"),
     (["--top_p", "0"], "top_p must be in (0, 1]"),

@@ -1,6 +1,7 @@
 """Weights for decoding: the transposed, oneDNN-packed and streamed float layouts compute the same
-logits and tokens; int8 and int4 have bounded round-trip errors, their kernels' arithmetic holds
-against float64, and greedy decoding agrees with the float model on a trained checkpoint."""
+logits and tokens; int8 and int4 (both int4 kernels, PyTorch's and ours) have bounded round-trip
+errors, their kernels' arithmetic holds against float64, and greedy decoding agrees with the float
+model on a trained checkpoint."""
 import copy
 import gc
 import shutil
@@ -14,15 +15,20 @@ from hypothesis import strategies as st
 from torch._dynamo.testing import CompileCounterWithBackend
 
 import llm.infer.quantize
+from llm.infer import int4_kernel
 from llm.config import ModelConfig
 from llm.infer.generate import CompiledStep, Sampling, decode_one, generate
 from llm.infer.kv_cache import KVCache
+from llm.runtime import Choice
 from llm.model.transformer import Transformer
 from llm.errors import UserError
 from llm.infer.quantize import (INT4_GROUP_SIZE, Int4Linear, Int8Linear, PackedLinear, StreamedLinear, TransposedLinear,
                                  check_method, for_decoding, quantize_int8)
 from sample import main as sample_main
 from tests.helpers import fresh_seed, grid_id, option_grid, tiny_model
+
+needs_vnni = pytest.mark.skipif(not int4_kernel.available(), reason=f"our int4 kernel: {int4_kernel.status()}")
+INT4_KERNELS = ["pytorch", pytest.param("vnni", marks=needs_vnni)]
 
 
 @settings(max_examples=40, deadline=None)
@@ -231,17 +237,24 @@ def test_int4_is_for_cpu_only():
         check_method("int4", "cuda")
 
 
+def int4_weight(out: int, width: int, constant_group: float) -> torch.Tensor:
+    """Rows of different ranges and offsets, and one group of equal weights (a zero range)."""
+    w = torch.randn(out, width) * torch.rand(out, 1) * 3 + torch.randn(out, 1)
+    w[0, :INT4_GROUP_SIZE] = constant_group
+    return w
+
+
 @settings(max_examples=25, deadline=None)
 @given(out_16=st.integers(1, 5), groups=st.integers(1, 4), rows=st.integers(1, 9), bias=st.booleans(), data=st.data())
-def test_int4_linear_round_trip_and_matmul(out_16, groups, rows, bias, data):
+def test_int4_pytorch_kernel_round_trip_and_matmul(out_16, groups, rows, bias, data):
     """Each group of 32 inputs of a row: within half a quantization step of the weight (plus the bf16
     rounding of its scale and offset); the kernel's product against float64 on the dequantized weight,
     within the bf16 rounding of activations, scales and output."""
     torch.manual_seed(data.draw(st.integers(0, 2**32 - 1), label="seed"))
     out, width = 16 * out_16, INT4_GROUP_SIZE * groups
-    w = torch.randn(out, width) * torch.rand(out, 1) * 3 + torch.randn(out, 1)  # ranges and offsets differ by row
+    w = int4_weight(out, width, data.draw(st.floats(-4, 4), label="constant"))
     b = torch.randn(out) if bias else None
-    layer = Int4Linear(w, b)
+    layer = Int4Linear(w, b, kernel="pytorch")
     assert layer.weight.dtype == torch.uint8 and layer.weight.numel() == out * width // 2  # two weights a byte
     g = w.view(out, groups, INT4_GROUP_SIZE)
     step = ((g.amax(-1) - g.amin(-1)) / 15).repeat_interleave(INT4_GROUP_SIZE, 1)
@@ -257,6 +270,79 @@ def test_int4_linear_round_trip_and_matmul(out_16, groups, rows, bias, data):
     assert y.shape == (rows, 1, out) and y.dtype == expected_dtype and torch.all((y.double() - exact).abs() <= bound)
 
 
+def activations_as_the_kernel_quantizes(x: torch.Tensor) -> torch.Tensor:
+    """llm/infer/int4_kernel.cpp's int8 activations, dequantized: per 32 inputs d = max|x| / 127,
+    round(x · (127 / max|x|)) half to even, each step in fp32 as the kernel computes it (divisions
+    correctly rounded: torch's scalar / tensor multiplies by a reciprocal, one ulp off at times)."""
+    g = x.float().view(x.size(0), -1, INT4_GROUP_SIZE)
+    amax = g.abs().amax(-1, keepdim=True)
+    inverse = torch.where(amax > 0, (127 / amax.double()).float(), 0)
+    return ((g * inverse).round().double() * (amax.double() / 127).float().double()).view(x.shape)
+
+
+@needs_vnni
+@settings(max_examples=25, deadline=None)
+@given(out_16=st.integers(1, 4), chunks=st.integers(1, 20), rows=st.integers(1, 9), bias=st.booleans(),
+       data=st.data())
+def test_int4_vnni_kernel_round_trip_and_matmul(out_16, chunks, rows, bias, data):
+    """Ours: each weight within half a step of its group's fp16 scale from the fp16 low (plus what
+    rounding the low and scale to fp16 can push past the top step); the product equal to float64
+    on the dequantized weight and the activations quantized as the kernel does (for the scale term;
+    the low term takes the exact sums of x), within fp32 rounding. Shapes cover every count of rows
+    the kernel takes at once (up to 4) and of groups it loads at once (up to 16)."""
+    torch.manual_seed(data.draw(st.integers(0, 2**32 - 1), label="seed"))
+    out, width = 16 * out_16, 64 * chunks
+    w = int4_weight(out, width, data.draw(st.floats(-4, 4), label="constant"))
+    b = torch.randn(out) if bias else None
+    layer = Int4Linear(w, b, kernel="vnni")
+    assert layer.weight.dtype == torch.uint8 and layer.weight.numel() == out * width // 2
+    scale = layer.scale.float().repeat_interleave(INT4_GROUP_SIZE, 1)
+    low = layer.low.float().repeat_interleave(INT4_GROUP_SIZE, 1)
+    assert torch.all(int4_kernel.unpack(layer.weight) <= 15)
+    assert torch.all((layer.dequantized() - w).abs() <= scale / 2 + 2**-11 * (low.abs() + 16 * scale) + 1e-6)
+    dtype = data.draw(st.sampled_from([torch.float32, torch.bfloat16]), label="dtype")
+    x = torch.randn(rows, 3, width, dtype=dtype)[:, -1:]
+    y = layer(x)
+    flat = x.reshape(rows, width)
+    scaled = layer.dequantized().double() - low.double()  # q · scale
+    expected = activations_as_the_kernel_quantizes(flat) @ scaled.T + flat.double() @ low.double().T
+    magnitude = flat.double().abs() @ (scaled.abs() + low.double().abs()).T
+    bound = (width / 16 + 64) * torch.finfo(torch.float32).eps * magnitude + 1e-30
+    assert y.shape == (rows, 1, out) and y.dtype == (dtype if b is None else torch.promote_types(dtype, b.dtype))
+    y = (y.reshape(rows, out) - (0 if b is None else b)).double()
+    if dtype == torch.bfloat16:  # the output rounded to bf16 (and the bias added in bf16)
+        bound = bound + 2**-8 * (expected.abs() + (0 if b is None else 2 * b.double().abs()))
+    assert torch.all((y - expected).abs() <= bound)
+
+
+def test_int4_kernel_choice_and_its_reasons(monkeypatch):
+    """Ours where the CPU has the instructions and it builds; otherwise PyTorch's, each with its reason."""
+    status = int4_kernel.status.__wrapped__
+    monkeypatch.setenv("LLM_INT4_KERNEL", "pytorch")
+    assert status() == Choice("pytorch", "as LLM_INT4_KERNEL=pytorch asks")
+    monkeypatch.delenv("LLM_INT4_KERNEL")
+    monkeypatch.setattr(int4_kernel, "cpu_flags", lambda: {"avx512f", "fma"})
+    choice = status()
+    assert choice.value == "pytorch" and choice.reason.startswith("this CPU lacks ") and "avx512_vnni" in choice.reason
+    monkeypatch.setattr(int4_kernel, "cpu_flags", lambda: int4_kernel.NEEDED_FLAGS)
+
+    def no_compiler(**kwargs):
+        raise RuntimeError("Error building extension 'llm_int4'\nmany more lines")
+    monkeypatch.setattr(torch.utils.cpp_extension, "load", no_compiler)
+    assert status() == Choice("pytorch", "llm/infer/int4_kernel.cpp did not build: Error building extension 'llm_int4'")
+    monkeypatch.setattr(int4_kernel, "available", lambda: False)  # as where it did not build: PyTorch's
+    assert Int4Linear(torch.randn(16, 64)).kernel == "pytorch"
+    with pytest.raises(ValueError, match="int4 kernel vnni: not for this weight or machine"):
+        Int4Linear(torch.randn(16, 64), kernel="vnni")
+
+
+@needs_vnni
+def test_int4_takes_our_kernel_where_it_can():
+    assert Int4Linear(torch.randn(16, 64)).kernel == "vnni"
+    assert Int4Linear(torch.randn(16, 96)).kernel == "pytorch"  # inputs not a multiple of 64
+    assert Int4Linear(torch.randn(16, 64), group_size=64).kernel == "pytorch"  # ours: groups of 32
+
+
 def test_int4_keeps_int8_where_the_kernel_cannot_take_the_shape(seed):
     """Like llama.cpp's quantizer: a 97-row head (not a multiple of 16 outputs) is int8, the layers int4."""
     model = tiny_model(seed, dtype=torch.float32)
@@ -268,18 +354,22 @@ def test_int4_keeps_int8_where_the_kernel_cannot_take_the_shape(seed):
     assert not any(isinstance(m, nn.Linear) for m in model.modules())
 
 
-def test_int4_agrees_with_fp32_on_a_trained_model(trained):
+@pytest.mark.parametrize("kernel", INT4_KERNELS)
+def test_int4_agrees_with_fp32_on_a_trained_model(trained, kernel, monkeypatch):
     model, cycle = trained
     prompt = cycle[(torch.randint(0, len(cycle), ()) + torch.arange(16)) % len(cycle)].tolist()
     greedy = torch.stack(list(generate(model, [prompt], 256, Sampling(temperature=0))), dim=1)[0]
+    monkeypatch.setattr(int4_kernel, "available", lambda: kernel == "vnni")
     quantized = for_decoding(copy.deepcopy(model), "int4")
-    assert sum(isinstance(m, Int4Linear) for m in quantized.modules()) == 4 * len(model.layers) + 1  # and the head
+    layers = [m for m in quantized.modules() if isinstance(m, Int4Linear)]
+    assert len(layers) == 4 * len(model.layers) + 1 and {m.kernel for m in layers} == {kernel}  # and the head
     sequence = torch.tensor([prompt + greedy.tolist()])
     with torch.no_grad():
         logits, logits4 = model(sequence)[0, 15:-1], quantized(sequence)[0, 15:-1]
     agreement = (logits.argmax(-1) == logits4.argmax(-1)).float().mean().item()
     diff = (logits - logits4).abs().max().item()
-    print(f"int4 vs fp32: max |logit diff| {diff:.3g} (logits up to {logits.abs().max():.3g}), agreement {agreement:.3f}")
+    print(f"int4 ({kernel}) vs fp32: max |logit diff| {diff:.3g} (logits up to {logits.abs().max():.3g}), "
+          f"agreement {agreement:.3f}")
     assert diff <= 0.2 * logits.abs().max()
     assert agreement >= 0.9
 
@@ -344,10 +434,13 @@ def test_inductor_step_is_exact(quantize, seed):
     """The real thing, inductor's generated loops (streamed float and int8 products, one-query attention,
     realized activations), one compilation for a whole generation: fp32 greedy tokens identical to the
     eager fp32 model's; a step's logits equal to the same format's eager step within fp32 rounding
-    (fp32), or the bf16 rounding of the eager int8 and int4 kernels' activations."""
+    (fp32), or the bf16 rounding of the eager int8 and int4 kernels' activations (ours, where it is
+    built: the compiled step's C++ calls the same op, on activations int8-quantized from inductor's)."""
     model = tiny_model(seed, dtype=torch.float32, block_size=40, n_layer=1, d_model=64, vocab_size=128)
     prompt = torch.randint(0, 128, (5,)).tolist()
     prepared = for_decoding(copy.deepcopy(model), quantize, "inductor", batch_size=1)
+    if quantize == "int4" and int4_kernel.available():
+        assert "vnni" in {m.kernel for m in prepared.modules() if isinstance(m, Int4Linear)}
     step = CompiledStep("inductor")
 
     def greedy(model, step=decode_one):

@@ -35,8 +35,8 @@ from llm.errors import ArgumentParser, UserError
 from llm.infer.generate import CompiledStep, Sampling, check_compile_backend, decode_one, generate
 from llm.model.transformer import Transformer
 from llm.infer import hugepages
-from llm.infer.quantize import (METHODS, bytes_per_step, check_method, Int8Linear, PackedLinear, TransposedLinear,
-                                 for_decoding, streamed_product)
+from llm.infer.quantize import (METHODS, bytes_per_step, check_method, describe, Int8Linear, PackedLinear,
+                                 TransposedLinear, for_decoding, streamed_product)
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -294,8 +294,11 @@ def bench_decode(argv):
     args = parse(argv)
     results = {"machine": machine(), "device": str(args.device), "rows": [], "latency": [],
                "transformers": [], "quantization": [], "kernels": []}
+    if "int4" in args.quantize:
+        results["int4_kernel"] = describe("int4")
     print(f"{results['machine']}; prompt {args.prompt_len} tokens, {args.new_tokens} new, greedy; "
-          f"decode steps only (the prefill and first token are not timed)\n")
+          f"decode steps only (the prefill and first token are not timed)"
+          + (f"; {results['int4_kernel']}" if "int4_kernel" in results else "") + "\n")
     bandwidth = {}  # (dtype, quantized) -> GB/s, measured once
     if args.peers:
         from llm.bench.decode_peers import compare_peers

@@ -25,14 +25,20 @@ matrix-vector products stream their weights. `for_decoding` picks a format per l
   one row is the streamed sum in fp32, each int8 converted as it is read: faster than the kernel
   at one row, slower at 8. So a row decoded alone by a compiled step is computed in fp32, rows of
   a batch in bf16: the two can differ slightly.
-- int4 (`quantize="int4"`, CPU only), an eighth of fp32's bytes plus a bf16 scale and offset per
-  group of INT4_GROUP_SIZE inputs: w ≈ (q - 8) · scale + offset, q in 0..15 (the group's min and
-  max map to 0 and 15). The product is PyTorch's CPU int4 kernel (quantized::int4mm_packed_weight_cpu,
-  aten._weight_int4pack_mm_for_cpu's entry with the group size as a tensor) with bf16 activations (far slower with fp32 ones), eager and compiled: an inductor loop that
-  unpacks the 4-bit pairs itself is slower (its per-weight arithmetic, not the memory, is the
-  limit). Layers whose shapes the kernel cannot take (inputs not a multiple
-  of the group size, outputs not a multiple of 16) are int8 instead, as llama.cpp's quantizer
-  falls back for shapes its formats do not fit.
+- int4 (`quantize="int4"`, CPU only), an eighth of fp32's bytes plus a scale and low per group of
+  INT4_GROUP_SIZE inputs: w ≈ q · scale + low, q in 0..15 (the group's min and max map to 0 and
+  15). Two kernels, eager and compiled alike. Ours (llm/infer/int4_kernel.py), where the CPU has
+  AVX512-VNNI and the kernel builds: fp16 scale and low, and the activations quantized to int8 per
+  32 inputs as llama.cpp's q8_0 does, so that each 64 weights take one integer dot-product
+  instruction instead of a conversion and a multiply-add per 16 (1.4-1.9x PyTorch's kernel at one
+  row, a whole SmolLM2-sized step 1.4x). Otherwise PyTorch's CPU int4 kernel
+  (quantized::int4mm_packed_weight_cpu, aten._weight_int4pack_mm_for_cpu's entry with the group
+  size as a tensor; bf16 scale and offset = low + 8 · scale) with bf16 activations (far slower with
+  fp32 ones). An inductor loop that unpacks the 4-bit pairs itself is slower than either (its
+  per-weight arithmetic, not the memory, is the limit). Layers whose shapes PyTorch's kernel
+  cannot take (inputs not a multiple of the group size, outputs not a multiple of 16) are int8
+  instead, as llama.cpp's quantizer falls back for shapes its formats do not fit; of the others,
+  ours takes those whose inputs are a multiple of 64.
 
 The output head is converted too (with tied embeddings, a converted copy of the embedding, except
 in the streamed float format, which shares it; the lookup stays as it is), and SwiGLU's gate and
@@ -47,6 +53,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from llm.errors import UserError
+from llm.infer import int4_kernel
 from llm.infer.hugepages import into_huge_pages
 
 METHODS = ("int8", "int4")
@@ -192,47 +199,77 @@ class Int8Linear(nn.Module):
 
 
 class Int4Linear(nn.Module):
-    """A linear layer with 4-bit weights in PyTorch's CPU int4 layout, a bf16 scale and offset per
-    group of `group_size` inputs of each output channel, and an optional bias (see the module doc)."""
+    """A linear layer with 4-bit weights, a scale and low per group of `group_size` inputs of each
+    output channel, and an optional bias (see the module doc). kernel: "vnni" (ours,
+    llm/infer/int4_kernel.py: fp16 scale and low, activations quantized to int8 per 32 inputs) or
+    "pytorch" (PyTorch's CPU int4 layout: bf16 scale and offset, bf16 activations); by default ours
+    where it is built and takes the shape."""
 
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None, group_size: int = INT4_GROUP_SIZE):
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None, group_size: int = INT4_GROUP_SIZE,
+                 kernel: str | None = None):
         super().__init__()
         if not Int4Linear.supports(weight, group_size):
             raise ValueError(f"int4 needs a CPU weight with inputs a multiple of {group_size} and outputs of 16, "
                              f"got {tuple(weight.shape)} on {weight.device}")
-        self.group_size = group_size
+        ours = group_size == int4_kernel.GROUP and int4_kernel.supports(weight) and int4_kernel.available()
+        if kernel is None:
+            kernel = "vnni" if ours else "pytorch"
+        elif kernel == "vnni" and not ours:
+            raise ValueError(f"int4 kernel vnni: not for this weight or machine ({int4_kernel.status()})")
+        self.kernel, self.group_size = kernel, group_size
         out, width = weight.shape
         groups = weight.detach().float().view(out, width // group_size, group_size)
         low, high = groups.amin(-1), groups.amax(-1)
         scale = ((high - low) / 15).clamp(min=torch.finfo(torch.float32).tiny)
-        q = ((groups - low[..., None]) / scale[..., None]).round().clamp(0, 15)
-        offset = low + 8 * scale  # (q - 8) · scale + offset: low at q = 0
-        self.register_buffer("weight", torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.view(out, width).int(), 1))
-        # (groups, out, 2): the kernel's layout, in the dtype of its activations
-        self.register_buffer("scales_and_offsets", torch.stack([scale.t(), offset.t()], -1).to(KERNEL_DTYPE).contiguous())
+        if kernel == "vnni":  # q from the fp16 scale and low the kernel reads
+            scale, low = scale.half(), low.half()
+            step = scale.float().clamp(min=torch.finfo(torch.float32).tiny)
+            q = ((groups - low.float()[..., None]) / step[..., None]).round().clamp(0, 15)
+            self.register_buffer("weight", int4_kernel.pack(q.view(out, width)))
+            self.register_buffer("scale", scale)
+            self.register_buffer("low", low)
+        else:
+            q = ((groups - low[..., None]) / scale[..., None]).round().clamp(0, 15)
+            offset = low + 8 * scale  # (q - 8) · scale + offset: low at q = 0
+            packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.view(out, width).int(), 1)
+            self.register_buffer("weight", packed)
+            # (groups, out, 2): the kernel's layout, in the dtype of its activations
+            scales_and_offsets = torch.stack([scale.t(), offset.t()], -1).to(KERNEL_DTYPE).contiguous()
+            self.register_buffer("scales_and_offsets", scales_and_offsets)
+            # The kernel's entry that takes the group size as a tensor: a step compiled ahead of time
+            # then reads this buffer, where the int entry's lowering makes a constant of its own that a
+            # package without constants lacks (llm/infer/aot.py). One element, not a 0-d tensor, which
+            # inductor would also turn into a constant.
+            self.register_buffer("group_size_tensor", torch.tensor([group_size]))
         self.register_buffer("bias", None if bias is None else bias.detach().clone())
-        # The kernel's entry that takes the group size as a tensor: a step compiled ahead of time
-        # then reads this buffer, where the int entry's lowering makes a constant of its own that a
-        # package without constants lacks (llm/infer/aot.py). One element, not a 0-d tensor, which
-        # inductor would also turn into a constant.
-        self.register_buffer("group_size_tensor", torch.tensor([group_size]))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        flat = x.reshape(-1, x.size(-1)).to(KERNEL_DTYPE).contiguous()  # the kernel reads rows densely
-        y = torch.ops.quantized.int4mm_packed_weight_cpu(flat, self.weight, self.group_size_tensor, self.scales_and_offsets)
+        flat = x.reshape(-1, x.size(-1))
+        if self.kernel == "vnni":
+            y = int4_kernel.int4_mm(flat, self.weight, self.scale, self.low)
+        else:
+            flat = flat.to(KERNEL_DTYPE).contiguous()  # the kernel reads rows densely
+            y = torch.ops.quantized.int4mm_packed_weight_cpu(flat, self.weight, self.group_size_tensor,
+                                                             self.scales_and_offsets)
         y = y.to(x.dtype)
         if self.bias is not None:
             y = y + self.bias
         return y.view(*x.shape[:-1], -1)
 
     def dequantized(self) -> torch.Tensor:
-        """The weight this layer computes with, in float32 (recovered through the kernel itself)."""
-        eye = torch.eye(self.weight.size(1) * 2)  # in fp32, the kernel rounds nothing
+        """The weight this layer computes with, in float32."""
+        if self.kernel == "vnni":
+            q = int4_kernel.unpack(self.weight).float()
+            out, width = q.shape
+            groups = q.view(out, width // self.group_size, self.group_size)
+            return (groups * self.scale.float()[..., None] + self.low.float()[..., None]).view(out, width)
+        eye = torch.eye(self.weight.size(1) * 2)  # recovered through the kernel itself: in fp32 it rounds nothing
         return torch.ops.aten._weight_int4pack_mm_for_cpu(eye, self.weight, self.group_size,
                                                           self.scales_and_offsets.float()).t().contiguous()
 
     @staticmethod
     def supports(weight: torch.Tensor, group_size: int = INT4_GROUP_SIZE) -> bool:
+        """Whether PyTorch's kernel takes the shape (ours takes fewer, and falls back to it)."""
         out, width = weight.shape
         return weight.device.type == "cpu" and width % group_size == 0 and out % 16 == 0
 
@@ -284,7 +321,12 @@ def check_method(method: str, device: torch.device | str = "cpu"):
         raise UserError(f"--quantize {method}: not supported (int8: one scale per output channel; "
                         f"int4: a scale and offset per {INT4_GROUP_SIZE} inputs; both weight-only)")
     if method == "int4" and torch.device(device).type != "cpu":
-        raise UserError("--quantize int4: CPU only (PyTorch's CPU int4 kernel); use int8 on this device")
+        raise UserError("--quantize int4: CPU only (its kernels are CPU ones); use int8 on this device")
+
+
+def describe(method: str | None) -> str:
+    """A method as a command prints it at start: int4 with the kernel it takes here, and why."""
+    return f"int4, kernel {int4_kernel.status()}" if method == "int4" else str(method)
 
 
 def bytes_per_step(model, batch: int, cache_len: int) -> int:

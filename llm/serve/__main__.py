@@ -22,7 +22,7 @@ from llm.errors import ArgumentParser, HelpFormatter, UserError, exit_on_user_er
 from llm.formats import run_dir
 from llm.formats.load import format_of
 from llm.infer.generate import check_compile_backend
-from llm.infer.quantize import METHODS, check_method, for_decoding
+from llm.infer.quantize import METHODS, check_method, describe, for_decoding
 from llm.model.chat import ChatTemplate, find_template
 from llm.serve.api import Served, build_app
 from llm.serve.engine import Engine
@@ -125,7 +125,7 @@ def main(argv) -> int:
         host, port = sock.getsockname()[:2]
         how = [f"device {device}", f"dtype {dtype}", runtime.threads(), f"{args.max_batch} rows",
                f"queue {args.max_queue}"] + [f"compiled ({args.compile})"] * bool(args.compile)
-        how += [args.quantize] * bool(args.quantize)
+        how += [describe(args.quantize)] * bool(args.quantize)
         print(f"model {served.name}: {params / 1e6:.1f}M parameters, context {model.config.block_size}, "
               f"chat template {'none' if template is None else 'yes'}; {', '.join(how)}", flush=True)
         if args.host not in LOOPBACK and not args.api_key:

@@ -334,6 +334,8 @@ def test_int4_kernel_choice_and_its_reasons(monkeypatch):
     assert Int4Linear(torch.randn(16, 64)).kernel == "pytorch"
     with pytest.raises(ValueError, match="int4 kernel vnni: not for this weight or machine"):
         Int4Linear(torch.randn(16, 64), kernel="vnni")
+    with pytest.raises(ValueError, match="int4 kernel 'int3': vnni or pytorch"):
+        Int4Linear(torch.randn(16, 64), kernel="int3")
 
 
 @needs_vnni

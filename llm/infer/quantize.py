@@ -214,6 +214,8 @@ class Int4Linear(nn.Module):
         ours = group_size == int4_kernel.GROUP and int4_kernel.supports(weight) and int4_kernel.available()
         if kernel is None:
             kernel = "vnni" if ours else "pytorch"
+        elif kernel not in ("vnni", "pytorch"):
+            raise ValueError(f"int4 kernel {kernel!r}: vnni or pytorch")
         elif kernel == "vnni" and not ours:
             raise ValueError(f"int4 kernel vnni: not for this weight or machine ({int4_kernel.status()})")
         self.kernel, self.group_size = kernel, group_size

@@ -294,11 +294,12 @@ def bench_decode(argv):
     args = parse(argv)
     results = {"machine": machine(), "device": str(args.device), "rows": [], "latency": [],
                "transformers": [], "quantization": [], "kernels": []}
+    print(f"{results['machine']}; prompt {args.prompt_len} tokens, {args.new_tokens} new, greedy; "
+          f"decode steps only (the prefill and first token are not timed)")
     if "int4" in args.quantize:
         results["int4_kernel"] = describe("int4")
-    print(f"{results['machine']}; prompt {args.prompt_len} tokens, {args.new_tokens} new, greedy; "
-          f"decode steps only (the prefill and first token are not timed)"
-          + (f"; {results['int4_kernel']}" if "int4_kernel" in results else "") + "\n")
+        print(results["int4_kernel"])
+    print()
     bandwidth = {}  # (dtype, quantized) -> GB/s, measured once
     if args.peers:
         from llm.bench.decode_peers import compare_peers

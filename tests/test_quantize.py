@@ -5,6 +5,9 @@ model on a trained checkpoint."""
 import copy
 import gc
 import shutil
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -337,6 +340,20 @@ def test_int4_kernel_choice_and_its_reasons(monkeypatch):
         Int4Linear(torch.randn(16, 64), kernel="vnni")
     with pytest.raises(ValueError, match="int4 kernel 'int3': vnni or pytorch"):
         Int4Linear(torch.randn(16, 64), kernel="int3")
+
+
+@needs_vnni
+def test_int4_kernel_builds_after_a_killed_build():
+    """A build killed with SIGKILL leaves cpp_extension's in-progress file, on which cpp_extension
+    alone waits forever (even with the library built); ours removes it under its own flock."""
+    from torch.utils import cpp_extension
+
+    stale = Path(cpp_extension._get_build_directory(int4_kernel.NAME, verbose=False)) / "lock"
+    stale.touch()
+    code = "from llm.infer import int4_kernel; print(int4_kernel.status().value)"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert result.stdout.strip() == "vnni", result.stderr
+    assert not stale.exists()
 
 
 @needs_vnni

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import torch
 
+from llm.files import lock
 from llm.runtime import Choice, cpu_flags
 
 NEEDED_FLAGS = {"avx512f", "avx512bw", "avx512vl", "avx512_vnni", "f16c", "fma"}
@@ -22,6 +23,7 @@ COMPILER_FLAGS = ["-O3", "-fopenmp", "-mavx512f", "-mavx512bw", "-mavx512vl", "-
                   "-mf16c", "-mfma"]  # -fopenmp: at::parallel_for's threads are torch's OpenMP ones
 GROUP = 32  # inputs per scale and low
 OUTPUTS_PER_TILE = 4
+NAME = "llm_int4"  # the library and its build folder (the ops: TORCH_LIBRARY(llm_int4) in the .cpp)
 
 
 @functools.cache
@@ -33,17 +35,28 @@ def status() -> Choice:
     if missing:
         return Choice("pytorch", f"this CPU lacks {', '.join(sorted(missing))}")
     try:
-        from torch.utils import cpp_extension
-
-        ninja_on_path()
-        cpp_extension.load(name="llm_int4", sources=[str(Path(__file__).with_name("int4_kernel.cpp"))],
-                           extra_cflags=COMPILER_FLAGS, extra_ldflags=["-fopenmp"], is_python_module=False)
+        build()
     except Exception as e:  # no compiler, no ninja, a failed build: decoding goes on with PyTorch's
         first_line = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
         return Choice("pytorch", f"llm/infer/int4_kernel.cpp did not build: {first_line}")
     torch.library.register_fake("llm_int4::int4_mm")(  # its output's shape, for torch.compile and export
         lambda x, weight, scale, low: x.new_empty(x.size(0), weight.size(0)))
     return Choice("vnni", "ours, llm/infer/int4_kernel.cpp: the CPU has AVX512-VNNI")
+
+
+def build():
+    """cpp_extension's build (or load) of the kernel, one process at a time. cpp_extension marks a
+    build in progress with a file that a killed build (kill -9, a full disk) leaves behind, and
+    then waits for it forever; our flock is released by the kernel whatever ends its holder, so
+    under it such a file can only be stale."""
+    from torch.utils import cpp_extension
+
+    ninja_on_path()
+    folder = Path(cpp_extension._get_build_directory(NAME, verbose=False))  # makes it too
+    with lock(folder / "llm.lock", wait=True):
+        (folder / "lock").unlink(missing_ok=True)
+        cpp_extension.load(name=NAME, sources=[str(Path(__file__).with_name("int4_kernel.cpp"))],
+                           extra_cflags=COMPILER_FLAGS, extra_ldflags=["-fopenmp"], is_python_module=False)
 
 
 def ninja_on_path():
